@@ -1,0 +1,175 @@
+"""The router's config (CONTRACT.md section 6 plus added keys), decoded from TOML strictly."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Final, Literal
+
+import msgspec
+from msgspec import Meta
+
+DURATION_PATTERN: Final = r"^[0-9]+(\.[0-9]+)?(us|ms|s|m|h|d)$"
+Duration = Annotated[str, Meta(pattern=DURATION_PATTERN)]
+_UNIT_US: Final = {"us": 1, "ms": 1_000, "s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000}
+_DURATION_RE: Final = re.compile(DURATION_PATTERN)
+
+SubjectToken = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+def duration_us(text: str) -> int:
+    """Microseconds of `"500ms"`, `"30s"`, `"15m"`, `"6h"`, `"2d"`."""
+    m = _DURATION_RE.match(text)
+    if m is None:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 500ms, 30s, 15m, 6h, 2d)")
+    unit = m.group(2)
+    return round(float(text[: -len(unit)]) * _UNIT_US[unit])
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; the message names the key's path."""
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class NatsConfig(_Section):
+    url: str = "embedded"
+    embedded_port: Annotated[int, Meta(ge=0, le=65535)] = 4222
+    # Credentials (all optional): never logged.
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds: str | None = None
+
+
+class StreamsConfig(_Section):
+    events: SubjectToken = "EVENTS"
+    exceptions: SubjectToken = "EXCEPTIONS"
+    deadletter: SubjectToken = "DEADLETTER"
+    max_age: Duration = "7d"
+    duplicate_window: Duration = "10m"
+    replicas: Annotated[int, Meta(ge=1, le=5)] = 1
+
+
+class SnapshotsConfig(_Section):
+    path: str = "data/router.db"
+    every_events: Annotated[int, Meta(ge=1)] = 50_000
+    every: Duration = "1s"
+    resident_actors: Annotated[int, Meta(ge=100)] = 200_000
+    synchronous: Literal["OFF", "NORMAL", "FULL"] = "NORMAL"
+
+
+class RouterConfig(_Section):
+    consumer: SubjectToken = "router"
+    partitions: Annotated[int, Meta(ge=1, le=1024)] = 1
+    fetch_batch: Annotated[int, Meta(ge=1, le=100_000)] = 2000
+    max_ack_pending: Annotated[int, Meta(ge=100)] = 100_000
+    shutdown_timeout: Duration = "15s"
+    timer_horizon: Duration = "60s"
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "console", "json"] = "auto"
+
+
+class SkuRules(_Section):
+    low_stock_threshold: Annotated[int, Meta(ge=-(2**53 - 1), le=2**53 - 1)] = 5
+    return_window_hours: Annotated[int, Meta(ge=1, le=24 * 366)] = 24
+    return_spike_min_units: Annotated[int, Meta(ge=0, le=2**53 - 1)] = 10
+    return_spike_ratio: Annotated[float, Meta(ge=0)] = 0.2
+
+
+class ShipmentRules(_Section):
+    stall_after: Duration = "6h"
+
+
+class CampaignRules(_Section):
+    cpa_min_spend: float = 100.0
+
+
+class RulesConfig(_Section):
+    sku: SkuRules = msgspec.field(default_factory=SkuRules)
+    shipment: ShipmentRules = msgspec.field(default_factory=ShipmentRules)
+    campaign: CampaignRules = msgspec.field(default_factory=CampaignRules)
+
+
+class Config(_Section):
+    nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
+    streams: StreamsConfig = msgspec.field(default_factory=StreamsConfig)
+    snapshots: SnapshotsConfig = msgspec.field(default_factory=SnapshotsConfig)
+    router: RouterConfig = msgspec.field(default_factory=RouterConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    rules: RulesConfig = msgspec.field(default_factory=RulesConfig)
+    # The folder relative paths are resolved against (the config file's folder).
+    base_dir: str = msgspec.field(default="", name="__base_dir__")
+
+    def resolve(self, path: str) -> Path:
+        p = Path(os.path.expanduser(path))
+        return p if p.is_absolute() else Path(self.base_dir or ".") / p
+
+    @property
+    def snapshot_path(self) -> Path:
+        return self.resolve(self.snapshots.path)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.snapshot_path.parent
+
+
+_PATH_RE: Final = re.compile(r"- at `\$((?:\.[A-Za-z0-9_\-]+|\[[^\]]*\])*)`")
+_UNKNOWN_RE: Final = re.compile(r"Object contains unknown field `([^`]*)`")
+
+
+def _key_path(message: str) -> str:
+    """`nats.url` from msgspec's ``... - at `$.nats.url` ``, with unknown fields appended."""
+    m = _PATH_RE.search(message)
+    path = m.group(1).lstrip(".") if m else ""
+    u = _UNKNOWN_RE.search(message)
+    if u:
+        path = f"{path}.{u.group(1)}" if path else u.group(1)
+    return path or "(top level)"
+
+
+def config_from_dict(raw: dict[str, object], base_dir: str = "") -> Config:
+    """Validate a parsed TOML document; ConfigError names the key's path."""
+    if "__base_dir__" in raw:
+        raise ConfigError("__base_dir__: not a config key")
+    try:
+        cfg = msgspec.convert({**raw, "__base_dir__": base_dir}, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{_key_path(str(exc))}: {exc}") from None
+    if cfg.rules.shipment.stall_after and duration_us(cfg.rules.shipment.stall_after) <= 0:
+        raise ConfigError("rules.shipment.stall_after: must be longer than 0")
+    url = cfg.nats.url.strip()
+    if url != "embedded":
+        for part in url.split(","):
+            if not re.match(r"^(nats|tls|ws|wss)://[^\s]+$", part.strip()):
+                raise ConfigError(
+                    f"nats.url: {part.strip()!r} is not 'embedded' or a nats://host:port URL"
+                )
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read `path`, else ./config.toml when present, else the built-in defaults."""
+    import tomllib
+
+    if path is None:
+        default = Path("config.toml")
+        if not default.exists():
+            return Config(base_dir=str(Path.cwd()))
+        path = default
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config: {exc.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return config_from_dict(raw, base_dir=str(p.resolve().parent))

@@ -1,0 +1,127 @@
+"""Subject parsing and event decoding, with the dead-letter reasons of CONTRACT.md section 4."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final
+
+import msgspec
+
+from contracts.events import DECODERS, EVENT_TYPES, KINDS
+
+BAD_SUBJECT: Final = "bad_subject"
+MALFORMED: Final = "malformed"
+INVALID: Final = "invalid"
+UNKNOWN_TYPE: Final = "unknown_type"
+ACTOR_ERROR: Final = "actor_error"
+
+ERROR_CODES: Final = (BAD_SUBJECT, MALFORMED, INVALID, UNKNOWN_TYPE, ACTOR_ERROR)
+
+_KEY_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,128}\Z")
+_PARTITION_RE: Final = re.compile(r"[0-9]+\Z")
+_KINDS: Final = frozenset(KINDS)
+
+
+class DecodeError(Exception):
+    """An event the router cannot apply: `code` is the Router-Error header, `detail` one line."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+def parse_subject(subject: str) -> tuple[str, str]:
+    """(kind, key) of `events.<kind>.<key>` or `events.<partition>.<kind>.<key>`."""
+    tokens = subject.split(".")
+    n = len(tokens)
+    if tokens[0] == "events" and (
+        n == 3 or (n == 4 and _PARTITION_RE.match(tokens[1]) is not None)
+    ):
+        kind, key = tokens[-2], tokens[-1]
+        if kind in _KINDS and _KEY_RE.match(key) is not None:
+            return kind, key
+        if kind not in _KINDS:
+            raise DecodeError(BAD_SUBJECT, f"unknown kind {kind!r} in subject {subject!r}")
+        raise DecodeError(
+            BAD_SUBJECT, f"key {key!r} in subject {subject!r} is not 1-128 of A-Z a-z 0-9 _ -"
+        )
+    raise DecodeError(
+        BAD_SUBJECT, f"subject {subject!r} is not events.<kind>.<key> (or events.<partition>.<kind>.<key>)"
+    )
+
+
+def subject_kind_token(subject: str) -> str:
+    """The subject's kind token when it is one of the three kinds, else `unknown`."""
+    tokens = subject.split(".")
+    if len(tokens) >= 2 and tokens[0] == "events":
+        i = 2 if len(tokens) >= 3 and _PARTITION_RE.match(tokens[1]) else 1
+        if i < len(tokens) and tokens[i] in _KINDS:
+            return tokens[i]
+    return "unknown"
+
+
+def decode_payload(kind: str, data: bytes) -> Any:
+    """Decode one payload for `kind`; raise DecodeError with the first reason that applies."""
+    try:
+        event = DECODERS[kind].decode(data)
+    except msgspec.ValidationError as exc:
+        raise _classify(kind, data, str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise DecodeError(MALFORMED, _one_line(str(exc))) from None
+    if not data.isascii():
+        # msgspec does not check the UTF-8 of fields it skips.
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DecodeError(MALFORMED, f"invalid UTF-8 at byte {exc.start}") from None
+    return event
+
+
+def _classify(kind: str, data: bytes, detail: str) -> DecodeError:
+    """Order the reasons as the contract does: malformed, then the `type` field, then fields."""
+    try:
+        obj = msgspec.json.decode(data)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        return DecodeError(MALFORMED, _one_line(str(exc)))
+    if not isinstance(obj, dict):
+        return DecodeError(MALFORMED, f"payload is a JSON {_json_type(obj)}, not an object")
+    if not data.isascii():
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return DecodeError(MALFORMED, f"invalid UTF-8 at byte {exc.start}")
+    etype = obj.get("type")
+    if etype is None:
+        return DecodeError(INVALID, "Object missing required field `type`")
+    if not isinstance(etype, str):
+        return DecodeError(INVALID, f"Expected `str`, got `{_json_type(etype)}` - at `$.type`")
+    if etype not in EVENT_TYPES[kind]:
+        return DecodeError(UNKNOWN_TYPE, f"unknown {kind} event type {etype!r} - at `$.type`")
+    return DecodeError(INVALID, _one_line(detail))
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, str):
+        return "string"
+    return "null" if value is None else type(value).__name__
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:500]
+
+
+def decode_event(subject: str, data: bytes) -> tuple[str, str, Any]:
+    """(kind, key, event) of one stored message, or DecodeError."""
+    kind, key = parse_subject(subject)
+    return kind, key, decode_payload(kind, data)

@@ -1,0 +1,223 @@
+"""Event payloads (CONTRACT.md section 2): one tagged union per kind, one decoder per kind."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Annotated, Any, Final, Optional, Union
+
+import msgspec
+from msgspec import Meta
+
+KINDS: Final = ("sku", "shipment", "campaign")
+
+MAX_INT: Final = 2**53 - 1
+KEY_PATTERN: Final = r"^[A-Za-z0-9_-]{1,128}$"
+
+# A JSON integer within +-(2^53 - 1).
+Int = Annotated[int, Meta(ge=-MAX_INT, le=MAX_INT)]
+PosInt = Annotated[int, Meta(gt=0, le=MAX_INT)]
+NonNegInt = Annotated[int, Meta(ge=0, le=MAX_INT)]
+Key = Annotated[str, Meta(pattern=KEY_PATTERN)]
+# 1-128 characters, no C0/C1 control characters.
+Location = Annotated[str, Meta(pattern=r"^[^\x00-\x1f\x7f-\x9f]{1,128}$")]
+# RFC 3339 with an offset; msgspec rounds digits beyond microseconds half up.
+Time = Annotated[_dt.datetime, Meta(tz=True)]
+PosFloat = Annotated[float, Meta(gt=0)]
+NonNegFloat = Annotated[float, Meta(ge=0)]
+
+
+class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Common fields of every event. `ts` absent means the JetStream timestamp."""
+
+    ts: Optional[Time] = None
+    id: Optional[str] = None
+
+
+# --- sku -------------------------------------------------------------------------------
+
+
+class Received(_Event, tag="received", frozen=True):
+    location: Location
+    qty: PosInt
+
+
+class Ordered(_Event, tag="ordered", frozen=True):
+    location: Location
+    qty: PosInt
+    order_id: str
+
+
+class Cancelled(_Event, tag="cancelled", frozen=True):
+    location: Location
+    qty: PosInt
+    order_id: str
+
+
+class Picked(_Event, tag="picked", frozen=True):
+    location: Location
+    qty: PosInt
+    order_id: Optional[str] = None
+
+
+class Returned(_Event, tag="returned", frozen=True):
+    location: Location
+    qty: PosInt
+    restockable: Optional[bool] = None  # null or absent: true
+    reason: Optional[str] = None
+
+
+class Adjusted(_Event, tag="adjusted", frozen=True):
+    location: Location
+    delta: Int
+    reason: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.delta == 0:
+            raise ValueError("Expected `int` != 0 - at `$.delta`")
+
+
+class Counted(_Event, tag="counted", frozen=True):
+    location: Location
+    on_hand: NonNegInt
+
+
+class CampaignLinked(_Event, tag="campaign_linked", frozen=True):
+    campaign: Key
+
+
+class CampaignUnlinked(_Event, tag="campaign_unlinked", frozen=True):
+    campaign: Key
+
+
+SkuEvent = Union[
+    Received, Ordered, Cancelled, Picked, Returned, Adjusted, Counted, CampaignLinked, CampaignUnlinked
+]
+
+# --- shipment --------------------------------------------------------------------------
+
+
+class Booked(_Event, tag="booked", frozen=True):
+    promised_by: Time
+    carrier: Optional[str] = None
+    origin: Optional[str] = None
+    destination: Optional[str] = None
+    order_id: Optional[str] = None
+    temp_min: Optional[float] = None
+    temp_max: Optional[float] = None
+
+
+class PickedUp(_Event, tag="picked_up", frozen=True):
+    location: Optional[str] = None
+
+
+class InTransit(_Event, tag="in_transit", frozen=True):
+    location: Optional[str] = None
+    eta: Optional[Time] = None
+
+
+class Delayed(_Event, tag="delayed", frozen=True):
+    eta: Time
+    reason: Optional[str] = None
+
+
+class OutForDelivery(_Event, tag="out_for_delivery", frozen=True):
+    eta: Optional[Time] = None
+
+
+class DeliveryFailed(_Event, tag="delivery_failed", frozen=True):
+    reason: Optional[str] = None
+
+
+class Delivered(_Event, tag="delivered", frozen=True):
+    pass
+
+
+class Temperature(_Event, tag="temperature", frozen=True):
+    celsius: float
+
+
+ShipmentEvent = Union[
+    Booked, PickedUp, InTransit, Delayed, OutForDelivery, DeliveryFailed, Delivered, Temperature
+]
+
+# --- campaign --------------------------------------------------------------------------
+
+
+class Started(_Event, tag="started", frozen=True):
+    skus: Optional[Annotated[list[Key], Meta(max_length=100)]] = None
+    cpa_limit: Optional[float] = None
+    budget: Optional[float] = None
+
+
+class Spend(_Event, tag="spend", frozen=True):
+    amount: PosFloat
+
+
+class Conversion(_Event, tag="conversion", frozen=True):
+    count: Optional[Annotated[int, Meta(ge=1, le=MAX_INT)]] = None  # null or absent: 1
+    revenue: Optional[NonNegFloat] = None
+
+
+class Paused(_Event, tag="paused", frozen=True):
+    pass
+
+
+class Resumed(_Event, tag="resumed", frozen=True):
+    pass
+
+
+class Ended(_Event, tag="ended", frozen=True):
+    pass
+
+
+class SkuOutOfStock(_Event, tag="sku_out_of_stock", frozen=True):
+    sku: Key
+
+
+class SkuBackInStock(_Event, tag="sku_back_in_stock", frozen=True):
+    sku: Key
+
+
+CampaignEvent = Union[
+    Started, Spend, Conversion, Paused, Resumed, Ended, SkuOutOfStock, SkuBackInStock
+]
+
+Event = Union[SkuEvent, ShipmentEvent, CampaignEvent]
+
+EVENT_UNIONS: Final[dict[str, Any]] = {
+    "sku": SkuEvent,
+    "shipment": ShipmentEvent,
+    "campaign": CampaignEvent,
+}
+
+
+def _tags(union: Any) -> frozenset[str]:
+    return frozenset(t.__struct_config__.tag for t in union.__args__)
+
+
+EVENT_TYPES: Final[dict[str, frozenset[str]]] = {k: _tags(u) for k, u in EVENT_UNIONS.items()}
+
+DECODERS: Final[dict[str, msgspec.json.Decoder[Any]]] = {
+    k: msgspec.json.Decoder(u) for k, u in EVENT_UNIONS.items()
+}
+
+_ENCODER: Final = msgspec.json.Encoder()
+
+
+def encode_event(event: Any) -> bytes:
+    """JSON bytes of an event, with its `type` tag (for producers and actor messages)."""
+    return _ENCODER.encode(event)
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of every event, per kind (`router schema`)."""
+    schemas, components = msgspec.json.schema_components(
+        [EVENT_UNIONS[k] for k in KINDS], ref_template="#/$defs/{name}"
+    )
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "ops-router events",
+        "description": "Payload of events.<kind>.<key>, by kind.",
+        "properties": dict(zip(KINDS, schemas)),
+        "$defs": components,
+    }
