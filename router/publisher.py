@@ -1,0 +1,148 @@
+"""JetStream publishing without per-message futures: core publishes with a reply inbox, PubAcks matched by id.
+
+Every publish carries a `Nats-Msg-Id`, so a retry after a lost PubAck (reconnect, server
+restart) is dropped by the stream's duplicate window instead of stored twice. A publish is
+retried until the server confirms it: nothing an effect promises is given up silently.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import msgspec
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+log = structlog.get_logger()
+
+Done = Callable[[], None]
+
+
+class _ApiError(msgspec.Struct):
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
+
+
+class _PubAck(msgspec.Struct):
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: _ApiError | None = None
+
+
+_ACK_DECODER = msgspec.json.Decoder(_PubAck)
+
+
+class _Pending:
+    __slots__ = ("done", "headers", "payload", "sent_at", "subject", "tries")
+
+    def __init__(self, subject: str, payload: bytes, headers: dict[str, str], done: Done | None) -> None:
+        self.subject = subject
+        self.payload = payload
+        self.headers = headers
+        self.done = done
+        self.sent_at = 0.0
+        self.tries = 0
+
+
+class Publisher:
+    """Publishes into streams and calls `done()` once the server has stored (or deduplicated) it."""
+
+    def __init__(self, nc: NATS, retry_after: float = 2.0) -> None:
+        self._nc = nc
+        self._prefix = nc.new_inbox() + ".pa"
+        self._next = 0
+        self._pending: dict[str, _Pending] = {}
+        self._retry_after = retry_after
+        self.published = 0
+        self.retried = 0
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._pending)
+
+    async def serve(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        """Receive PubAcks and retry unconfirmed publishes until cancelled."""
+        sub = await self._nc.subscribe(
+            self._prefix + ".*", cb=self._on_ack, pending_msgs_limit=0, pending_bytes_limit=0
+        )
+        task_status.started()
+        try:
+            while True:
+                await anyio.sleep(self._retry_after / 2)
+                await self._retry_stale()
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await sub.unsubscribe()
+                except Exception:  # connection already closed
+                    pass
+
+    async def publish(self, subject: str, payload: bytes, headers: dict[str, str], done: Done | None) -> None:
+        """Send one message; `done` runs when the stream confirms it. `headers` must hold Nats-Msg-Id."""
+        self._next += 1
+        token = str(self._next)
+        p = _Pending(subject, payload, headers, done)
+        self._pending[token] = p
+        await self._send(token, p)
+
+    async def _send(self, token: str, p: _Pending) -> None:
+        p.sent_at = time.monotonic()
+        p.tries += 1
+        try:
+            await self._nc.publish(p.subject, p.payload, reply=f"{self._prefix}.{token}", headers=p.headers)
+        except Exception as exc:  # disconnected with a full buffer, closed: retried later
+            if p.tries <= 3 or p.tries % 50 == 0:
+                log.warning("publish_deferred", subject=p.subject, error=repr(exc), tries=p.tries)
+        else:
+            self.published += 1
+
+    async def _on_ack(self, msg: Msg) -> None:
+        token = msg.subject.rpartition(".")[2]
+        p = self._pending.get(token)
+        if p is None:
+            return  # answer to an earlier try that was already confirmed
+        if not msg.data:
+            # 503 no responders: the stream is missing or the server is restarting.
+            return
+        try:
+            ack = _ACK_DECODER.decode(msg.data)
+        except msgspec.DecodeError:
+            log.warning("puback_unreadable", subject=p.subject, data=msg.data[:200])
+            return
+        if ack.error is not None:
+            if p.tries <= 3 or p.tries % 50 == 0:
+                log.error(
+                    "publish_rejected",
+                    subject=p.subject,
+                    code=ack.error.code,
+                    err_code=ack.error.err_code,
+                    description=ack.error.description,
+                    tries=p.tries,
+                )
+            return  # retried by serve()
+        del self._pending[token]
+        if p.done is not None:
+            p.done()
+
+    async def _retry_stale(self) -> None:
+        if not self._pending or not self._nc.is_connected:
+            return
+        cutoff = time.monotonic() - self._retry_after
+        stale = [(t, p) for t, p in self._pending.items() if p.sent_at < cutoff]
+        for token, p in stale:
+            self.retried += 1
+            await self._send(token, p)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until every publish is confirmed; False when `timeout` passed first."""
+        with anyio.move_on_after(timeout):
+            while self._pending:
+                await anyio.sleep(0.01)
+            return True
+        return False

@@ -1,0 +1,286 @@
+"""The daemon's lifecycle: server, connection, streams, store, partitions, queries, graceful stop."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import nats
+import structlog
+from nats.aio.client import Client as NATS
+from nats.js.manager import JetStreamManager
+
+from actors._base import Thresholds
+from contracts.config import Config, duration_us
+from router import streams
+from router.partition import Partition
+from router.publisher import Publisher
+from snapshots import Store, StoreDamagedError
+
+log = structlog.get_logger()
+
+
+class FatalError(Exception):
+    """The router cannot start or go on; the message says what to do."""
+
+
+def wall_clock_us() -> int:
+    return time.time_ns() // 1000
+
+
+class Runtime:
+    """Everything one router process owns. Build with `Runtime.open(cfg)`, then `serve()`."""
+
+    def __init__(self, cfg: Config, nc: NATS, store: Store, clock: Callable[[], int]) -> None:
+        self.cfg = cfg
+        self.nc = nc
+        self.jsm: JetStreamManager = nc.jsm()
+        self.store = store
+        self.now_us = clock
+        self.thresholds = Thresholds.from_rules(cfg.rules)
+        self.horizon_us = duration_us(cfg.router.timer_horizon)
+        self.snapshot_every_s = duration_us(cfg.snapshots.every) / 1e6
+        self.publisher = Publisher(nc)
+        self.partitions = [Partition(self, i) for i in range(cfg.router.partitions)]
+        self.started_at = time.monotonic()
+        self._stop = anyio.Event()
+        self.url = ""
+
+    def fatal(self, message: str) -> FatalError:
+        return FatalError(message)
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, cfg: Config, clock: Callable[[], int] = wall_clock_us) -> AsyncIterator[Runtime]:
+        async with AsyncExitStack() as stack:
+            data_dir = cfg.data_dir
+            data_dir.mkdir(parents=True, exist_ok=True)
+            url = cfg.nats.url.strip()
+            if url == "embedded":
+                from router.embedded import embedded_server
+
+                url = await stack.enter_async_context(embedded_server(data_dir, cfg.nats.embedded_port))
+            holder: dict[str, Runtime] = {}
+            nc = await _connect(cfg, url, holder)
+            stack.push_async_callback(_close_nats, nc)
+            jsm = nc.jsm()
+            try:
+                infos = await streams.ensure_streams(jsm, cfg)
+            except streams.StreamSetupError as exc:
+                raise FatalError(str(exc)) from None
+            store = await _open_store(cfg, infos[cfg.streams.events])
+            stack.push_async_callback(store.close)
+            rt = cls(cfg, nc, store, clock)
+            rt.url = url
+            holder["rt"] = rt
+            yield rt
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until `request_stop()`; then stop fetching, finish in-flight work and snapshot."""
+        cfg = self.cfg
+        for p in self.partitions:
+            try:
+                await p.prepare()
+            except FatalError:
+                raise
+        async with anyio.create_task_group() as tg:
+            await tg.start(self.publisher.serve)
+            from router.service import serve_queries
+
+            await tg.start(serve_queries, self)
+            async with anyio.create_task_group() as parts:
+                for p in self.partitions:
+                    await parts.start(p.run)
+                tg.start_soon(self._health_file_loop)
+                log.info(
+                    "router_started",
+                    url=_redact(self.url),
+                    partitions=len(self.partitions),
+                    snapshots=str(cfg.snapshot_path),
+                )
+                task_status.started()
+                await self._stop.wait()
+                log.info("router_stopping")
+                timeout = duration_us(cfg.router.shutdown_timeout) / 1e6
+                with anyio.move_on_after(timeout * 0.6) as scope:
+                    for p in self.partitions:
+                        await p.stop()
+                    # The partition loops return once their received messages are applied.
+                if scope.cancelled_caught:
+                    log.warning("stop_timeout_draining", seconds=timeout * 0.6)
+                    parts.cancel_scope.cancel()
+            with anyio.CancelScope(shield=True):
+                if not await self.publisher.wait_idle(timeout * 0.3):
+                    log.warning("stop_with_unconfirmed_effects", outstanding=self.publisher.outstanding)
+                with anyio.move_on_after(max(1.0, timeout * 0.3)):
+                    for p in self.partitions:
+                        await p.final_snapshot()
+                log.info(
+                    "router_stopped",
+                    applied_seq=[p.applied_seq for p in self.partitions],
+                    processed=sum(p.processed for p in self.partitions),
+                )
+            tg.cancel_scope.cancel()
+
+    def health(self) -> dict[str, Any]:
+        connected = self.nc.is_connected
+        parts = [
+            {
+                "partition": p.index,
+                "applied_seq": p.applied_seq,
+                "effects_confirmed_seq": p.effects_seq,
+                "snapshot_seq": p.snapshot_seq,
+                "resident_actors": len(p.resident),
+                "dirty_actors": len(p.dirty),
+                "timers_due_soon": len(p._heap),
+                "processed": p.processed,
+                "dead_lettered": p.dead_lettered,
+                "exceptions": p.exceptions_sent,
+            }
+            for p in self.partitions
+        ]
+        return {
+            "status": "ok" if connected else "nats_unavailable",
+            "nats": "connected" if connected else ("reconnecting" if self.nc.is_reconnecting else "closed"),
+            "uptime_s": round(time.monotonic() - self.started_at, 1),
+            "unconfirmed_publishes": self.publisher.outstanding,
+            "partitions": parts,
+        }
+
+    async def _health_file_loop(self) -> None:
+        """`<data>/health.json`: readable even while NATS is away."""
+        path = self.cfg.data_dir / "health.json"
+        while True:
+            try:
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(self.health(), indent=1))
+                tmp.replace(path)
+            except OSError:
+                pass
+            await anyio.sleep(1.0)
+
+
+def _redact(url: str) -> str:
+    import re
+
+    return re.sub(r"//[^@/]+@", "//***@", url)
+
+
+async def _connect(cfg: Config, url: str, holder: dict[str, Runtime]) -> NATS:
+    servers = [u.strip() for u in url.split(",") if u.strip()]
+
+    async def disconnected() -> None:
+        log.warning("nats_disconnected", url=_redact(url))
+
+    async def reconnected() -> None:
+        log.info("nats_reconnected", url=_redact(url))
+        rt = holder.get("rt")
+        if rt is not None:
+            for p in rt.partitions:
+                p.on_reconnected()
+
+    async def error(exc: Exception) -> None:
+        log.warning("nats_error", error=repr(exc))
+
+    opts: dict[str, Any] = dict(
+        servers=servers,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=3,
+        allow_reconnect=True,
+        disconnected_cb=disconnected,
+        reconnected_cb=reconnected,
+        error_cb=error,
+        pending_size=64 * 1024 * 1024,
+        name="ops-router",
+    )
+    n = cfg.nats
+    if n.user:
+        opts["user"], opts["password"] = n.user, n.password or ""
+    if n.token:
+        opts["token"] = n.token
+    if n.creds:
+        opts["user_credentials"] = str(cfg.resolve(n.creds))
+    try:
+        with anyio.fail_after(15):
+            return await nats.connect(**opts)
+    except Exception as exc:
+        raise FatalError(f"cannot connect to NATS at {_redact(url)} (nats.url): {exc!r}") from None
+
+
+async def _close_nats(nc: NATS) -> None:
+    with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+        try:
+            await nc.drain()
+        except Exception:
+            try:
+                await nc.close()
+            except Exception:
+                pass
+
+
+async def _open_store(cfg: Config, events_info: Any) -> Store:
+    """Open the snapshot store; rebuild from the stream when damaged and the stream still has it all."""
+    path = cfg.snapshot_path
+    first = int(events_info.state.first_seq or 0)
+    has_history = first <= 1  # never purged: sequence 1 onward is all there
+    try:
+        store = await Store.open(path, synchronous=cfg.snapshots.synchronous)
+    except StoreDamagedError as exc:
+        if not has_history:
+            raise FatalError(
+                f"snapshot store {path} is damaged ({exc.reason}) and stream {cfg.streams.events} "
+                f"no longer holds the whole history (it starts at sequence {first}): restore {path} "
+                f"from a backup; or, to accept state rebuilt from what the stream still holds, move "
+                f"the file aside and set the stream's first sequence knowingly"
+            ) from None
+        moved = await Store.quarantine(path)
+        log.error("snapshot_store_damaged", path=str(path), reason=exc.reason, moved_to=str(moved),
+                  action="rebuilding from the stream")
+        store = await Store.open(path, synchronous=cfg.snapshots.synchronous)
+    if store.created and not has_history:
+        await store.close()
+        path.unlink(missing_ok=True)
+        raise FatalError(
+            f"snapshot store {path} does not exist but stream {cfg.streams.events} already starts at "
+            f"sequence {first} (earlier events are gone): state cannot be rebuilt from the stream. "
+            f"Restore {path} from a backup"
+        )
+    if store.created and int(events_info.state.messages or 0):
+        log.warning("snapshot_store_new", path=str(path), action="rebuilding state from the stream")
+    return store
+
+
+async def run(cfg: Config, clock: Callable[[], int] = wall_clock_us) -> int:
+    """`router run`: serve until SIGTERM/SIGINT; 0 after a clean stop, 1 on a fatal error."""
+    try:
+        async with Runtime.open(cfg, clock) as rt:
+            async with anyio.create_task_group() as tg:
+
+                async def signals() -> None:
+                    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+                        async for signum in received:
+                            log.info("signal_received", signal=signal.Signals(signum).name)
+                            rt.request_stop()
+                            return
+
+                tg.start_soon(signals)
+                await rt.serve()
+                tg.cancel_scope.cancel()
+    except FatalError as exc:
+        log.error("router_failed", error=str(exc))
+        return 1
+    return 0
+
+
+def url_file(cfg: Config) -> Path:
+    return cfg.data_dir / "nats.url"

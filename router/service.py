@@ -1,0 +1,76 @@
+"""Live read-only queries: `router.state.<kind>.<key>` and `router.health`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+import structlog
+from nats.aio.msg import Msg
+
+import actors
+from contracts.decode import _KEY_RE
+from router.streams import partition_of
+
+if TYPE_CHECKING:
+    from router.runtime import Runtime
+
+log = structlog.get_logger()
+_ENC = msgspec.json.Encoder()
+
+
+async def state_reply(rt: Runtime, kind: str, key: str) -> dict[str, Any]:
+    """The section-5 reply for one key: live state when resident, else the stored one."""
+    part = rt.partitions[partition_of(key, len(rt.partitions))]
+    state = part.resident.get((kind, key))
+    if state is None:
+        found = await rt.store.load_actors([(kind, key)])
+        item = found.get((kind, key))
+        state = actors.decode_state(kind, item[1]) if item is not None else None
+    if state is None or state.seq == 0:
+        return {"kind": kind, "key": key, "seq": 0, "state": None, "exceptions": []}
+    mod = actors.ACTORS[kind]
+    return {"kind": kind, "key": key, "seq": state.seq, "state": mod.view(state), "exceptions": mod.raised(state)}
+
+
+async def serve_queries(rt: Runtime, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+    nc = rt.nc
+
+    async def on_state(msg: Msg) -> None:
+        if not msg.reply:
+            return
+        tokens = msg.subject.split(".")
+        if len(tokens) != 4 or tokens[2] not in actors.ACTORS or _KEY_RE.match(tokens[3]) is None:
+            body: dict[str, Any] = {
+                "error": f"expected router.state.<sku|shipment|campaign>.<key>, got {msg.subject!r}"
+            }
+        else:
+            try:
+                body = await state_reply(rt, tokens[2], tokens[3])
+            except Exception as exc:
+                log.error("state_query_failed", subject=msg.subject, error=repr(exc))
+                body = {"error": f"state query failed: {exc!r}"}
+        try:
+            await nc.publish(msg.reply, _ENC.encode(body))
+        except Exception:
+            pass
+
+    async def on_health(msg: Msg) -> None:
+        if msg.reply:
+            try:
+                await nc.publish(msg.reply, _ENC.encode(rt.health()))
+            except Exception:
+                pass
+
+    subs = [await nc.subscribe("router.state.>", cb=on_state), await nc.subscribe("router.health", cb=on_health)]
+    task_status.started()
+    try:
+        await anyio.sleep_forever()
+    finally:
+        with anyio.CancelScope(shield=True):
+            for sub in subs:
+                try:
+                    await sub.unsubscribe()
+                except Exception:
+                    pass

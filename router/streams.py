@@ -1,0 +1,137 @@
+"""Stream and consumer setup: EVENTS, EXCEPTIONS, DEADLETTER, and the durable partition consumers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from nats.js import api
+from nats.js.errors import NotFoundError
+from nats.js.manager import JetStreamManager
+
+from contracts.config import Config, duration_us
+
+log = structlog.get_logger()
+
+
+class StreamSetupError(Exception):
+    """A stream exists but cannot serve the router; the message names the setting to change."""
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """The partition of a key, as the server's `{{partition(N, ...)}}` transform computes it."""
+    if partitions <= 1:
+        return 0
+    h = 0x811C9DC5  # FNV-1a, 32 bit
+    for b in key.encode():
+        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+    return h % partitions
+
+
+def events_filter(cfg: Config, partition: int) -> str:
+    """The consumer filter of one partition."""
+    if cfg.router.partitions <= 1:
+        return "events.>"
+    return f"events.{partition}.>"
+
+
+def consumer_name(cfg: Config, partition: int) -> str:
+    if cfg.router.partitions <= 1:
+        return cfg.router.consumer
+    return f"{cfg.router.consumer}-p{partition}"
+
+
+def _stream_configs(cfg: Config) -> list[tuple[api.StreamConfig, str]]:
+    s = cfg.streams
+    common: dict[str, Any] = dict(
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        max_age=duration_us(s.max_age) / 1e6,
+        duplicate_window=duration_us(s.duplicate_window) / 1e6,
+        num_replicas=s.replicas,
+        allow_direct=True,
+    )
+    events = api.StreamConfig(name=s.events, subjects=["events.>"], **common)
+    if cfg.router.partitions > 1:
+        n = cfg.router.partitions
+        events.subject_transform = api.SubjectTransform(
+            src="events.*.*", dest=f"events.{{{{partition({n},2)}}}}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}"
+        )
+    return [
+        (events, "streams.events"),
+        (api.StreamConfig(name=s.exceptions, subjects=["exceptions.>"], **common), "streams.exceptions"),
+        (api.StreamConfig(name=s.deadletter, subjects=["deadletter.>"], **common), "streams.deadletter"),
+    ]
+
+
+def _covers(have: list[str], need: str) -> bool:
+    need_t = need.split(".")
+    for pattern in have:
+        pt = pattern.split(".")
+        ok = True
+        for i, tok in enumerate(pt):
+            if tok == ">":
+                ok = i < len(need_t)
+                break
+            if i >= len(need_t) or (tok != "*" and tok != need_t[i]) or (tok == "*" and need_t[i] == ">"):
+                ok = False
+                break
+        else:
+            ok = ok and len(pt) == len(need_t)
+        if ok:
+            return True
+    return False
+
+
+async def ensure_streams(jsm: JetStreamManager, cfg: Config) -> dict[str, api.StreamInfo]:
+    """Create the three streams when missing; accept them when present and covering our subjects."""
+    infos: dict[str, api.StreamInfo] = {}
+    for want, setting in _stream_configs(cfg):
+        assert want.name is not None and want.subjects is not None
+        try:
+            info = await jsm.stream_info(want.name)
+        except NotFoundError:
+            info = await jsm.add_stream(want)
+            log.info("stream_created", stream=want.name, subjects=want.subjects)
+        else:
+            have = info.config.subjects or []
+            for need in want.subjects:
+                if not _covers(have, need):
+                    raise StreamSetupError(
+                        f"stream {want.name} has subjects {have} which do not cover {need!r}: "
+                        f"add {need!r} to the stream, or set `{setting}` to another stream name"
+                    )
+        infos[want.name] = info
+    return infos
+
+
+async def position_consumer(
+    jsm: JetStreamManager, cfg: Config, partition: int, start_seq: int
+) -> api.ConsumerInfo:
+    """(Re)create the partition's durable pull consumer so it delivers from `start_seq`."""
+    name = consumer_name(cfg, partition)
+    try:
+        await jsm.delete_consumer(cfg.streams.events, name)
+    except NotFoundError:
+        pass
+    config = api.ConsumerConfig(
+        durable_name=name,
+        ack_policy=api.AckPolicy.ALL,
+        deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=max(1, start_seq),
+        filter_subject=events_filter(cfg, partition),
+        max_ack_pending=cfg.router.max_ack_pending,
+        ack_wait=60.0,
+        max_waiting=64,
+    )
+    return await jsm.add_consumer(cfg.streams.events, config)
+
+
+async def consumer_ack_floor(jsm: JetStreamManager, cfg: Config, partition: int) -> int:
+    """The stream sequence the partition's consumer has acknowledged through (0 when none)."""
+    try:
+        info = await jsm.consumer_info(cfg.streams.events, consumer_name(cfg, partition))
+    except NotFoundError:
+        return 0
+    floor = info.ack_floor
+    return int(floor.stream_seq or 0) if floor is not None else 0

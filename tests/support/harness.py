@@ -1,0 +1,165 @@
+"""Run the router in-process against a real nats-server, and wait for what it must do."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import nats
+
+from contracts.config import Config, config_from_dict
+from router.runtime import Runtime, wall_clock_us
+from tests.support.oracle import Expected, Stored, expected_reply, fold, read_stream
+
+
+def make_config(url: str, data_dir: Path, **sections: dict[str, Any]) -> Config:
+    raw: dict[str, Any] = {
+        "nats": {"url": url},
+        "snapshots": {"path": str(data_dir / "router.db"), "every": "200ms"},
+        "log": {"level": "warning"},
+    }
+    for name, values in sections.items():
+        if name == "rules":
+            raw["rules"] = values
+        else:
+            raw.setdefault(name, {}).update(values)
+    return config_from_dict(raw, base_dir=str(data_dir))
+
+
+@asynccontextmanager
+async def running_router(cfg: Config, clock: Callable[[], int] = wall_clock_us) -> AsyncIterator[Runtime]:
+    """The router serving in this process; stopped gracefully (final snapshot) on exit."""
+    async with Runtime.open(cfg, clock) as rt, anyio.create_task_group() as tg:
+        await tg.start(rt.serve)
+        try:
+            yield rt
+        finally:
+            rt.request_stop()
+
+
+async def wait_for(check: Callable[[], Awaitable[bool] | bool], timeout: float = 20.0, what: str = "") -> None:
+    with anyio.fail_after(timeout):
+        while True:
+            r = check()
+            if not isinstance(r, bool):
+                r = await r
+            if r:
+                return
+            await anyio.sleep(0.05)
+
+
+async def wait_applied(rt: Runtime, stream_last: int, timeout: float = 30.0) -> None:
+    """Until every partition applied through `stream_last` and all effects are confirmed."""
+
+    def done() -> bool:
+        return all(p.applied_seq >= stream_last and not p._inflight for p in rt.partitions) and (
+            rt.publisher.outstanding == 0
+        )
+
+    await wait_for(done, timeout)
+
+
+async def stream_last_seq(url: str, stream: str) -> int:
+    nc = await nats.connect(url)
+    try:
+        info = await nc.jsm().stream_info(stream)
+        return int(info.state.last_seq or 0)
+    finally:
+        await nc.close()
+
+
+async def publish_all(url: str, messages: list[tuple[str, bytes]]) -> None:
+    """Plain core publishes, as `nats pub` does (no headers), then a flush."""
+    nc = await nats.connect(url)
+    try:
+        for subject, data in messages:
+            await nc.publish(subject, data)
+        await nc.flush()
+    finally:
+        await nc.close()
+
+
+async def settle(url: str, cfg: Config, rt: Runtime, timeout: float = 60.0) -> None:
+    """Until the router has applied everything in EVENTS, including the actor messages it sent."""
+    with anyio.fail_after(timeout):
+        while True:
+            last = await stream_last_seq(url, cfg.streams.events)
+            await wait_applied(rt, last, timeout)
+            await anyio.sleep(0.1)
+            if await stream_last_seq(url, cfg.streams.events) == last:
+                return
+
+
+async def query_state(url: str, kind: str, key: str) -> dict[str, Any]:
+    nc = await nats.connect(url)
+    try:
+        reply = await nc.request(f"router.state.{kind}.{key}", b"", timeout=5)
+        return json.loads(reply.data)  # type: ignore[no-any-return]
+    finally:
+        await nc.close()
+
+
+def normalize(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
+async def check_against_fold(url: str, cfg: Config, rt: Runtime | None = None) -> Expected:
+    """EXCEPTIONS, DEADLETTER and actor messages hold exactly what a fold of EVENTS implies."""
+    from actors._base import Thresholds
+
+    events = await read_stream(url, cfg.streams.events)
+    exp = fold(events, Thresholds.from_rules(cfg.rules))
+    exceptions = await read_stream(url, cfg.streams.exceptions)
+    got_ids = Counter(json.loads(m.data)["id"] for m in exceptions)
+    event_caused = Counter({i: n for i, n in got_ids.items() if not i.rsplit(":", 1)[1].startswith("t")})
+    want = Counter(exp.exception_ids)
+    assert event_caused == want, _diff("exceptions", want, event_caused)
+    for m in exceptions:
+        assert m.headers.get("Nats-Msg-Id") == json.loads(m.data)["id"]
+    dead = await read_stream(url, cfg.streams.deadletter)
+    got_dead = Counter(int(m.headers["Router-Seq"]) for m in dead)
+    assert all(n == 1 for n in got_dead.values()), f"dead letters repeated: {got_dead.most_common(3)}"
+    assert {int(m.headers["Router-Seq"]): m.headers["Router-Error"] for m in dead} == exp.dead_letters
+    by_seq = {m.seq: m for m in events}
+    for m in dead:
+        orig = by_seq[int(m.headers["Router-Seq"])]
+        assert m.headers["Router-Subject"] == orig.subject
+        if "Router-Truncated" not in m.headers:
+            assert m.data == orig.data
+    sent = Counter(m.headers.get("Nats-Msg-Id") for m in events if m.headers.get("Nats-Msg-Id", "").startswith("msg:"))
+    assert sent == Counter(exp.message_ids), _diff("actor messages", Counter(exp.message_ids), sent)
+    return exp
+
+
+async def check_states(url: str, exp: Expected, sample: int | None = None) -> None:
+    keys = sorted(exp.states)
+    if sample is not None:
+        keys = keys[:: max(1, len(keys) // sample)]
+    for kind, key in keys:
+        got = await query_state(url, kind, key)
+        want = normalize(expected_reply(kind, key, exp.states[(kind, key)]))
+        assert got == want, f"{kind}:{key}\n got {got}\nwant {want}"
+
+
+def _diff(what: str, want: Counter[Any], got: Counter[Any]) -> str:
+    missing = list((want - got).elements())[:5]
+    extra = list((got - want).elements())[:5]
+    return f"{what}: missing {len(list((want - got).elements()))} e.g. {missing}; extra {len(list((got - want).elements()))} e.g. {extra}"
+
+
+__all__ = [
+    "Stored",
+    "check_against_fold",
+    "check_states",
+    "make_config",
+    "publish_all",
+    "query_state",
+    "running_router",
+    "settle",
+    "wait_for",
+]
