@@ -69,6 +69,9 @@ def decode_payload(kind: str, data: bytes) -> Any:
         raise _classify(kind, data, str(exc)) from None
     except msgspec.DecodeError as exc:
         raise DecodeError(MALFORMED, _one_line(str(exc))) from None
+    except UnicodeDecodeError:
+        # msgspec raises this bare for invalid UTF-8 inside a string field it decodes.
+        raise DecodeError(MALFORMED, _utf8_detail(data)) from None
     if not data.isascii():
         # msgspec does not check the UTF-8 of fields it skips.
         try:
@@ -99,6 +102,14 @@ def _classify(kind: str, data: bytes, detail: str) -> DecodeError:
     if etype not in EVENT_TYPES[kind]:
         return DecodeError(UNKNOWN_TYPE, f"unknown {kind} event type {etype!r} - at `$.type`")
     return DecodeError(INVALID, _one_line(detail))
+
+
+def _utf8_detail(data: bytes) -> str:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"invalid UTF-8 at byte {exc.start}"
+    return "invalid UTF-8"
 
 
 def _json_type(value: Any) -> str:

@@ -7,11 +7,28 @@ from typing import Final
 
 EPOCH: Final = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 _US: Final = _dt.timedelta(microseconds=1)
+# 400 Gregorian years repeat the calendar exactly: 146097 days.
+_CYCLE_US: Final = 146_097 * 86_400_000_000
+# A valid input such as `0001-01-01T00:00:00+23:59` is in UTC year 0, outside `datetime`;
+# such instants are represented with the extreme offset that keeps the local time in range.
+_MAX_OFFSET_US: Final = (23 * 60 + 59) * 60_000_000
+_EAST: Final = _dt.timezone(_dt.timedelta(microseconds=_MAX_OFFSET_US))
+_WEST: Final = _dt.timezone(-_dt.timedelta(microseconds=_MAX_OFFSET_US))
 
 
 def to_us(value: _dt.datetime) -> int:
     """Whole microseconds since the epoch of an aware datetime."""
     return (value - EPOCH) // _US
+
+
+def from_us(us: int) -> _dt.datetime:
+    """The aware datetime of `us` (UTC; outside UTC's range, the offset that keeps it in range)."""
+    try:
+        return EPOCH + _dt.timedelta(microseconds=us)
+    except OverflowError:
+        if us < 0:
+            return _dt.datetime(1970, 1, 1, tzinfo=_EAST) + _dt.timedelta(microseconds=us + _MAX_OFFSET_US)
+        return _dt.datetime(1970, 1, 1, tzinfo=_WEST) + _dt.timedelta(microseconds=us - _MAX_OFFSET_US)
 
 
 def ns_to_us(ns: int) -> int:
@@ -20,11 +37,21 @@ def ns_to_us(ns: int) -> int:
 
 
 def rfc3339(us: int) -> str:
-    """`YYYY-MM-DDThh:mm:ss[.ffffff]Z` of whole microseconds since the epoch."""
-    t = EPOCH + _dt.timedelta(microseconds=us)
+    """`YYYY-MM-DDThh:mm:ss[.ffffff]Z` of whole microseconds since the epoch.
+
+    Never fails: the year is always zero-padded to four digits (`0999`, and `0000` for an
+    input such as `0001-01-01T00:00:00+01:00`), which `strftime` does not do. The one UTC
+    year RFC 3339 cannot write, reachable from `9999-12-31T23:00:00-02:00`, prints as `10000`.
+    """
+    cycles, rem = divmod(us, _CYCLE_US)
+    t = EPOCH + _dt.timedelta(microseconds=rem)
+    year = t.year + 400 * cycles
     if t.microsecond:
-        return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+        return (
+            f"{year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}"
+            f".{t.microsecond:06d}Z"
+        )
+    return f"{year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}Z"
 
 
 def rfc3339_opt(us: int | None) -> str | None:

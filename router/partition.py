@@ -37,6 +37,9 @@ log = structlog.get_logger()
 
 _EXC_ENCODER = msgspec.json.Encoder()
 _HDR_OVERHEAD = len("NATS/1.0\r\n\r\n")
+# A waiting pull request expires after this; its 408 tells the partition it is caught up,
+# which is what lets a timer fire (so keep it well under a second).
+PULL_EXPIRES_NS = 400_000_000
 
 
 class _Entry:
@@ -87,6 +90,7 @@ class Partition:
         self._heap_set: set[tuple[int, str, str, str]] = set()
         self._horizon_us = 0
         self._horizon_until = 0
+        self._next_horizon = 0
         self._recovering_until_us = 0
         self._timer_confirmed: set[tuple[str, str]] = set()
         # Snapshots.
@@ -99,6 +103,7 @@ class Partition:
         self.dead_lettered = 0
         self.exceptions_sent = 0
         self.ready = anyio.Event()
+        self.finished = anyio.Event()
 
     # ------------------------------------------------------------------ start-up
 
@@ -162,7 +167,7 @@ class Partition:
         self._req_next += 1
         rid = f"{self._inbox}.{self._req_next}"
         self._requests[rid] = batch
-        req = b'{"batch":%d,"expires":%d}' % (batch, 1_000_000_000)
+        req = b'{"batch":%d,"expires":%d}' % (batch, PULL_EXPIRES_NS)
         try:
             await self.rt.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.consumer}", req, reply=rid)
         except Exception as exc:
@@ -185,8 +190,10 @@ class Partition:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 await self._loop()
+                await self._snapshot_done.wait()
                 tg.cancel_scope.cancel()
         finally:
+            self.finished.set()
             with anyio.CancelScope(shield=True):
                 try:
                     await sub.unsubscribe()
@@ -256,12 +263,13 @@ class Partition:
         while inq:
             msg = inq.popleft()
             reply = msg.reply
-            rid = msg.subject
             if not reply or not reply.startswith("$JS.ACK."):
-                self._on_status(msg, rid)
+                self._on_status(msg, msg.subject)  # a status answers the request it names
                 continue
-            left = requests.get(rid)
-            if left is not None:
+            # A delivered message keeps its own subject; the server serves requests in order.
+            if requests:
+                rid = next(iter(requests))
+                left = requests[rid]
                 if left <= 1:
                     del requests[rid]
                 else:
@@ -583,9 +591,10 @@ class Partition:
 
     async def _fire_due_timers(self) -> None:
         now = self.rt.now_us()
-        if now >= getattr(self, "_next_horizon", 0):
-            # The store is current up to the last snapshot; flush timers first.
-            await self._maybe_snapshot(force=not self._snapshot_running)
+        if now >= self._next_horizon:
+            # Timers beyond the old horizon live only in the store: make it current, then look ahead.
+            await self._snapshot_done.wait()
+            await self._maybe_snapshot(force=True)
             await self._load_horizon()
         heap = self._heap
         if not heap:

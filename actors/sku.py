@@ -1,0 +1,259 @@
+"""The SKU actor: stock per location, the return window, and links to campaigns (CONTRACT 2.1, 3)."""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Any, Final
+
+import msgspec
+
+from actors._base import ActorError, Alert, Effect, Send, Thresholds
+from contracts.events import (
+    Adjusted,
+    CampaignLinked,
+    CampaignUnlinked,
+    Cancelled,
+    Counted,
+    Ordered,
+    Picked,
+    Received,
+    Returned,
+    SkuBackInStock,
+    SkuEvent,
+    SkuOutOfStock,
+)
+from contracts.times import from_us
+
+HOUR_US: Final = 3_600_000_000
+
+_LOCATION_RULES: Final = ("stockout", "low_stock", "oversold")
+_LOCATION_EVENTS: Final = frozenset({Received, Ordered, Cancelled, Picked, Returned, Adjusted, Counted})
+
+
+class LocationState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+    """Counters of one location and which of its location-scoped rules are raised."""
+
+    on_hand: int = 0
+    reserved: int = 0
+    stockout: bool = False
+    low_stock: bool = False
+    oversold: bool = False
+
+
+class SkuState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+    """One SKU across its locations. Mutated in place by `apply`."""
+
+    key: str
+    seq: int = 0
+    # Insertion order = first event naming the location.
+    locations: dict[str, LocationState] = {}
+    # Sum of `available` over locations, kept incrementally.
+    available: int = 0
+    # For campaigns: sum of available <= 0, or no location yet.
+    out_of_stock: bool = True
+    # Linked campaign ids, kept sorted.
+    campaigns: list[str] = []
+    # Return window: the hour of the latest ts applied, and units per hour inside the window.
+    latest_hour: int | None = None
+    returned_by_hour: dict[int, int] = {}
+    picked_by_hour: dict[int, int] = {}
+    returned: int = 0
+    picked: int = 0
+    return_spike: bool = False
+
+
+def new(key: str) -> SkuState:
+    return SkuState(key=key)
+
+
+def apply(state: SkuState, event: SkuEvent, ts_us: int, th: Thresholds) -> list[Effect]:
+    """Apply one event in place; return the alerts and campaign messages it causes."""
+    t = type(event)
+    effects: list[Effect] = []
+    if t is CampaignLinked or t is CampaignUnlinked:
+        _link(state, event, ts_us, th, effects)  # type: ignore[arg-type]
+        return effects
+
+    if t not in _LOCATION_EVENTS:
+        raise ActorError(f"sku:{state.key}: not a sku event: {t.__name__}")
+    # Compute the location's new counters before touching the state.
+    name: str = event.location  # type: ignore[union-attr]
+    loc = state.locations.get(name)
+    if loc is None:
+        on_hand = reserved = 0
+    else:
+        on_hand = loc.on_hand
+        reserved = loc.reserved
+    old_available = on_hand - reserved
+    returned = picked = 0
+    if t is Received:
+        on_hand += event.qty  # type: ignore[union-attr]
+    elif t is Ordered:
+        reserved += event.qty  # type: ignore[union-attr]
+    elif t is Picked:
+        picked = event.qty  # type: ignore[union-attr]
+        on_hand -= picked
+        reserved = reserved - picked if reserved > picked else 0
+    elif t is Cancelled:
+        qty = event.qty  # type: ignore[union-attr]
+        reserved = reserved - qty if reserved > qty else 0
+    elif t is Returned:
+        returned = event.qty  # type: ignore[union-attr]
+        if event.restockable is not False:  # type: ignore[union-attr]
+            on_hand += returned
+    elif t is Adjusted:
+        on_hand += event.delta  # type: ignore[union-attr]
+    else:  # Counted
+        on_hand = event.on_hand  # type: ignore[union-attr]
+    available = on_hand - reserved
+    total = state.available - old_available + available
+    out_of_stock = total <= 0
+    flips = out_of_stock != state.out_of_stock and bool(state.campaigns)
+    when = from_us(ts_us) if flips else None  # the only step that can fail: before mutating
+
+    # Commit.
+    if loc is None:
+        loc = state.locations[name] = LocationState()
+    loc.on_hand = on_hand
+    loc.reserved = reserved
+    state.available = total
+
+    key = state.key
+    if (available <= 0) != loc.stockout:
+        loc.stockout = not loc.stockout
+        if loc.stockout:
+            msg = f"{key} out of stock at {name} (available {available})"
+            effects.append(Alert("stockout", "raised", name, available, 0, msg))
+        else:
+            msg = f"{key} back in stock at {name} (available {available})"
+            effects.append(Alert("stockout", "cleared", name, available, 0, msg))
+    low = th.low_stock_threshold
+    if (available <= low) != loc.low_stock:
+        loc.low_stock = not loc.low_stock
+        if loc.low_stock:
+            msg = f"{key} low stock at {name} (available {available}, threshold {low})"
+            effects.append(Alert("low_stock", "raised", name, available, low, msg))
+        else:
+            msg = f"{key} stock recovered at {name} (available {available}, threshold {low})"
+            effects.append(Alert("low_stock", "cleared", name, available, low, msg))
+    if (available < 0) != loc.oversold:
+        loc.oversold = not loc.oversold
+        if loc.oversold:
+            msg = f"{key} oversold at {name} (available {available})"
+            effects.append(Alert("oversold", "raised", name, available, 0, msg))
+        else:
+            msg = f"{key} no longer oversold at {name} (available {available})"
+            effects.append(Alert("oversold", "cleared", name, available, 0, msg))
+
+    _window(state, ts_us // HOUR_US, returned, picked, th, effects)
+
+    if out_of_stock != state.out_of_stock:
+        state.out_of_stock = out_of_stock
+        if when is not None:
+            message = (SkuOutOfStock if out_of_stock else SkuBackInStock)(sku=key, ts=when)
+            for campaign in state.campaigns:
+                effects.append(Send("campaign", campaign, message))
+    return effects
+
+
+def _link(
+    state: SkuState,
+    event: CampaignLinked | CampaignUnlinked,
+    ts_us: int,
+    th: Thresholds,
+    effects: list[Effect],
+) -> None:
+    campaigns = state.campaigns
+    campaign = event.campaign
+    i = bisect_left(campaigns, campaign)
+    linked = i < len(campaigns) and campaigns[i] == campaign
+    send: Send | None = None
+    if type(event) is CampaignLinked:
+        if not linked:
+            if state.out_of_stock:
+                send = Send("campaign", campaign, SkuOutOfStock(sku=state.key, ts=from_us(ts_us)))
+            campaigns.insert(i, campaign)
+    elif linked:
+        del campaigns[i]
+    # Actor messages are events too: they move the return window.
+    _window(state, ts_us // HOUR_US, 0, 0, th, effects)
+    if send is not None:
+        effects.append(send)
+
+
+def _window(
+    state: SkuState, hour: int, returned: int, picked: int, th: Thresholds, effects: list[Effect]
+) -> None:
+    """Move the return window to the event's hour, count its units, evaluate `return_spike`."""
+    hours = th.return_window_hours
+    latest = state.latest_hour
+    if latest is None or hour > latest:
+        state.latest_hour = latest = hour
+        start = hour - hours + 1
+        if state.returned_by_hour or state.picked_by_hour:
+            _prune(state, start)
+    else:
+        start = latest - hours + 1
+    if hour >= start:
+        if returned:
+            by_hour = state.returned_by_hour
+            by_hour[hour] = by_hour.get(hour, 0) + returned
+            state.returned += returned
+        if picked:
+            by_hour = state.picked_by_hour
+            by_hour[hour] = by_hour.get(hour, 0) + picked
+            state.picked += picked
+    units = state.returned
+    minimum = th.return_spike_min_units
+    spike = units >= minimum and units >= th.return_spike_ratio * state.picked
+    if spike != state.return_spike:
+        state.return_spike = spike
+        what = "return spike" if spike else "return spike over"
+        msg = f"{state.key} {what}: {units} units returned vs {state.picked} picked in the last {hours}h"
+        effects.append(Alert("return_spike", "raised" if spike else "cleared", None, units, minimum, msg))
+
+
+def _prune(state: SkuState, start: int) -> None:
+    by_hour = state.returned_by_hour
+    for h in [h for h in by_hour if h < start]:
+        state.returned -= by_hour.pop(h)
+    by_hour = state.picked_by_hour
+    for h in [h for h in by_hour if h < start]:
+        state.picked -= by_hour.pop(h)
+
+
+def fire(state: SkuState, name: str, deadline_us: int, th: Thresholds) -> list[Effect]:
+    """SKUs have no timers: every firing is stale."""
+    return []
+
+
+def timers(state: SkuState) -> dict[str, int]:
+    return {}
+
+
+def view(state: SkuState) -> dict[str, Any]:
+    """The `state` object of CONTRACT section 5."""
+    return {
+        "locations": {
+            name: {"on_hand": loc.on_hand, "reserved": loc.reserved, "available": loc.on_hand - loc.reserved}
+            for name, loc in sorted(state.locations.items())
+        },
+        "available": state.available,
+        "campaigns": list(state.campaigns),
+        "out_of_stock": state.out_of_stock,
+        "returned_in_window": state.returned,
+        "picked_in_window": state.picked,
+    }
+
+
+def raised(state: SkuState) -> list[dict[str, Any]]:
+    """Every rule now raised, in RULES order then location."""
+    out: list[dict[str, Any]] = []
+    names = sorted(state.locations)
+    for rule in _LOCATION_RULES:
+        for name in names:
+            if getattr(state.locations[name], rule):
+                out.append({"rule": rule, "location": name})
+    if state.return_spike:
+        out.append({"rule": "return_spike", "location": None})
+    return out

@@ -1,0 +1,31 @@
+"""The snapshot store: actor states, per-partition sequences and durable timers in SQLite.
+
+`Store` is the only entry point (see `snapshots.store` for its use); the rest are the
+values it takes and returns, and its errors: `StoreError`, and `StoreDamagedError` for a
+file that is not a usable store.
+"""
+
+from snapshots.errors import StoreDamagedError, StoreError
+from snapshots.store import (
+    NO_TIMERS,
+    ActorRecord,
+    DueTimer,
+    PartitionMarks,
+    Store,
+    StoreStats,
+    StreamIdentity,
+    Synchronous,
+)
+
+__all__ = [
+    "NO_TIMERS",
+    "ActorRecord",
+    "DueTimer",
+    "PartitionMarks",
+    "Store",
+    "StoreDamagedError",
+    "StoreError",
+    "StoreStats",
+    "StreamIdentity",
+    "Synchronous",
+]

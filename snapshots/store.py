@@ -1,0 +1,527 @@
+"""The snapshot store: actor state blobs, per-partition sequences and durable timers in SQLite (WAL).
+
+Use::
+
+    async with await Store.open(path, synchronous="NORMAL") as store:
+        if store.created: ...                      # no history: start from the stream's beginning
+        marks = await store.marks(partition)       # resume the consumer at marks.applied_seq + 1
+        await store.write_snapshot(partition, records, applied_seq=..., effects_seq=...)
+
+`Store.open` returns an open store (``store = await Store.open(path)`` ... ``await
+store.close()`` works the same way). A missing file is created with its folder and
+``store.created`` is True. A file that is not SQLite, is truncated, or lacks this schema
+raises `StoreDamagedError`; `Store.quarantine(path)` moves it aside so the router can
+rebuild from the stream. Opening reads only the file header and the schema rows; a full
+scan is `integrity_check()`, an explicit command.
+
+Writes run one at a time under a lock, each one transaction executed as a unit, so tasks
+of one task group may share a store. Reads use a second connection: WAL lets them see the
+last committed state while a write is in progress, so a load never waits behind a large
+snapshot. The price: an actor handed to a write that has not returned yet still reads as
+its previous version, so keep such actors in memory until the write returns. Once a write
+returns, every later read sees it.
+
+Blobs are opaque bytes; the caller encodes them. Writing an actor replaces its timer rows
+with the timers given in its record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import MappingProxyType, TracebackType
+from typing import Final, Literal, NamedTuple, Self
+
+import aiosqlite
+import anyio
+import anyio.to_thread
+import msgspec
+
+from snapshots import _schema
+from snapshots.errors import StoreDamagedError, StoreError
+
+Synchronous = Literal["OFF", "NORMAL", "FULL"]
+_SYNCHRONOUS: Final = ("OFF", "NORMAL", "FULL")
+
+NO_TIMERS: Final[Mapping[str, int]] = MappingProxyType({})
+
+
+class ActorRecord(NamedTuple):
+    """One actor to write: its encoded state, the seq of the last event applied, its timers by name."""
+
+    kind: str
+    key: str
+    last_seq: int
+    state: bytes
+    timers: Mapping[str, int] = NO_TIMERS  # name -> deadline in epoch microseconds
+
+
+class PartitionMarks(NamedTuple):
+    """How far a partition is stored: events <= applied_seq are in the actor states,
+    effects of events <= effects_seq are confirmed published."""
+
+    applied_seq: int
+    effects_seq: int
+
+
+class DueTimer(NamedTuple):
+    deadline_us: int
+    kind: str
+    key: str
+    name: str
+
+
+class StreamIdentity(NamedTuple):
+    """The EVENTS stream the store was built from; a different `created` means it was recreated."""
+
+    name: str
+    created: str
+
+
+class StoreStats(msgspec.Struct, frozen=True, kw_only=True):
+    actors: int
+    timers: int
+    partitions: dict[int, PartitionMarks]
+    file_bytes: int
+    wal_bytes: int
+
+
+# SQLite error codes (primary) that mean the file itself is bad.
+_SQLITE_CORRUPT: Final = 11
+_SQLITE_NOTADB: Final = 26
+
+_DELETE_TIMERS: Final = "DELETE FROM timers WHERE kind = ? AND key = ?"
+# An upsert updates the row in place (same rowid); REPLACE would delete it and insert a new one.
+_PUT_ACTOR: Final = (
+    "INSERT INTO actors (kind, key, partition, last_seq, state) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (kind, key) DO UPDATE SET partition = excluded.partition,"
+    " last_seq = excluded.last_seq, state = excluded.state"
+)
+_PUT_TIMER: Final = (
+    "INSERT OR REPLACE INTO timers (kind, key, name, deadline_us, partition) VALUES (?, ?, ?, ?, ?)"
+)
+# effects_seq never goes back: a snapshot built before a later write_effects_mark must not undo it.
+_PUT_MARKS: Final = (
+    "INSERT INTO partitions (partition, applied_seq, effects_seq) VALUES (?, ?, ?)"
+    " ON CONFLICT (partition) DO UPDATE SET applied_seq = excluded.applied_seq,"
+    " effects_seq = max(effects_seq, excluded.effects_seq)"
+)
+_PUT_EFFECTS: Final = (
+    "INSERT INTO partitions (partition, applied_seq, effects_seq) VALUES (?, 0, ?)"
+    " ON CONFLICT (partition) DO UPDATE SET effects_seq = max(effects_seq, excluded.effects_seq)"
+)
+# Answered from the covering index timers_due (partition, deadline_us, kind, key, name):
+# the cost depends on the rows returned, not on how many timers lie further ahead.
+DUE_TIMERS_SQL: Final = (
+    "SELECT deadline_us, kind, key, name FROM timers"
+    " WHERE partition = ? AND deadline_us <= ?"
+    " ORDER BY deadline_us, kind, key, name LIMIT ?"
+)
+_NEXT_DEADLINE: Final = "SELECT deadline_us FROM timers WHERE partition = ? ORDER BY deadline_us LIMIT 1"
+
+
+def _variable_limit() -> int:
+    con = sqlite3.connect(":memory:")
+    try:
+        return con.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    finally:
+        con.close()
+
+
+# Keys per `IN (...)` list: under SQLite's variable limit (999 on old builds, 32766 since 3.32).
+_IN_CHUNK: Final = max(1, min(_variable_limit() - 1, 8000))
+
+
+class Store:
+    """An open snapshot store. Create with `await Store.open(path)`; see the module docstring."""
+
+    def __init__(
+        self,
+        db: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        path: Path,
+        *,
+        created: bool,
+        synchronous: Synchronous,
+    ) -> None:
+        self._db: aiosqlite.Connection | None = db
+        self._reader: aiosqlite.Connection | None = reader
+        self._lock = anyio.Lock()
+        self.path = path
+        self.created = created
+        self.synchronous = synchronous
+
+    # -- opening and closing --------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: Synchronous = "NORMAL",
+        cache_mib: int = 64,
+        busy_timeout_ms: int = 5000,
+    ) -> Store:
+        """Open the store at `path`, creating it (and its folder) when missing.
+
+        `synchronous`: "NORMAL" (default) survives any crash of the process; a power loss
+        may drop the last transactions. "FULL" syncs the log on every commit. "OFF" leaves
+        syncing to the OS. Raises StoreDamagedError for a file that is not a usable store.
+        """
+        if synchronous not in _SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {', '.join(_SYNCHRONOUS)}, not {synchronous!r}")
+        p = await anyio.to_thread.run_sync(Path.absolute, Path(path))
+        created = await anyio.to_thread.run_sync(_schema.prepare_file, p)
+        # mode=rw: never let SQLite create an empty file in place of one that vanished.
+        uri = p.as_uri() + "?mode=rw"
+        opened: list[aiosqlite.Connection] = []
+        try:
+            db = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+            opened.append(db)
+            await _configure(db, p, synchronous, cache_mib, busy_timeout_ms)
+            await _verify_schema(db, p)
+            reader = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+            opened.append(reader)
+            await _configure(reader, p, synchronous, cache_mib, busy_timeout_ms, reader=True)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                for conn in opened:
+                    await conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise _translate(p, exc, "open") from exc
+            raise
+        return cls(db, reader, p, created=created, synchronous=synchronous)
+
+    async def close(self) -> None:
+        """Wait for a write in progress, then close. Closing twice is fine."""
+        with anyio.CancelScope(shield=True):
+            async with self._lock:
+                db, self._db = self._db, None
+                reader, self._reader = self._reader, None
+                for conn in (reader, db):
+                    if conn is not None:
+                        await conn.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @staticmethod
+    async def quarantine(path: str | os.PathLike[str]) -> Path:
+        """Move a damaged store (and its -wal/-shm) to `<name>.damaged-<UTC timestamp>`; return that path.
+
+        The store must not be open. The next `Store.open(path)` creates a fresh one.
+        """
+        return await anyio.to_thread.run_sync(_schema.quarantine_file, Path(path))
+
+    # -- stream identity and partition marks ---------------------------------------------
+
+    async def stream_identity(self) -> StreamIdentity | None:
+        async with self._reading("stream_identity") as db:
+            rows = {
+                str(name): str(value)
+                for name, value in await db.execute_fetchall(
+                    "SELECT name, value FROM meta WHERE name IN ('stream_name', 'stream_created')"
+                )
+            }
+        if "stream_name" not in rows:
+            return None
+        return StreamIdentity(rows["stream_name"], rows.get("stream_created", ""))
+
+    async def set_stream_identity(self, identity: StreamIdentity) -> None:
+        async with self._transaction("set_stream_identity") as db:
+            await db.executemany(
+                "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
+                [("stream_name", identity.name), ("stream_created", identity.created)],
+            )
+
+    async def marks(self, partition: int) -> PartitionMarks:
+        """The partition's stored sequences; (0, 0) for a partition never written."""
+        async with self._reading("marks") as db:
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT applied_seq, effects_seq FROM partitions WHERE partition = ?", (partition,)
+                )
+            )
+        return PartitionMarks(*rows[0]) if rows else PartitionMarks(0, 0)
+
+    async def all_marks(self) -> dict[int, PartitionMarks]:
+        async with self._reading("all_marks") as db:
+            rows = await db.execute_fetchall(
+                "SELECT partition, applied_seq, effects_seq FROM partitions ORDER BY partition"
+            )
+        return {p: PartitionMarks(a, e) for p, a, e in rows}
+
+    async def write_effects_mark(self, partition: int, effects_seq: int) -> None:
+        """Record that effects of every event <= effects_seq are confirmed. Never moves back."""
+        async with self._using("write_effects_mark") as db:
+            # One statement outside a transaction is its own transaction.
+            await db.execute(_PUT_EFFECTS, (partition, effects_seq))
+
+    # -- actors -----------------------------------------------------------------------
+
+    async def write_snapshot(
+        self,
+        partition: int,
+        actors: Iterable[ActorRecord],
+        *,
+        applied_seq: int,
+        effects_seq: int | None = None,
+    ) -> None:
+        """Write `actors` (each replacing its timer rows) and the partition's marks in one transaction.
+
+        `effects_seq=None` keeps the stored one; a lower value than stored is ignored.
+        The rows are read in the store's thread while the event loop runs on: do not
+        change `actors` or their `timers` mappings until this returns.
+        """
+        rows = actors if isinstance(actors, Sequence) else list(actors)
+        async with self._transaction("write_snapshot") as db:
+            if rows:
+                await _put_actors(db, partition, rows)
+            await db.execute(_PUT_MARKS, (partition, applied_seq, effects_seq or 0))
+
+    async def write_actor(self, partition: int, actor: ActorRecord) -> None:
+        """Write one actor and replace its timers (after a timer firing is confirmed); marks unchanged."""
+        kind, key = actor.kind, actor.key
+        async with self._transaction("write_actor") as db:
+            await db.execute(_DELETE_TIMERS, (kind, key))
+            await db.execute(_PUT_ACTOR, (kind, key, partition, actor.last_seq, actor.state))
+            if actor.timers:
+                await db.executemany(
+                    _PUT_TIMER,
+                    [(kind, key, name, deadline, partition) for name, deadline in actor.timers.items()],
+                )
+
+    async def load_actors(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], tuple[int, bytes]]:
+        """{(kind, key): (last_seq, state)} for the stored ones among `keys`; missing keys are absent."""
+        by_kind: dict[str, list[str]] = {}
+        for kind, key in keys:
+            by_kind.setdefault(kind, []).append(key)
+        found: dict[tuple[str, str], tuple[int, bytes]] = {}
+        async with self._reading("load_actors") as db:
+            for kind, names in by_kind.items():
+                for i in range(0, len(names), _IN_CHUNK):
+                    chunk = names[i : i + _IN_CHUNK]
+                    sql = (
+                        "SELECT key, last_seq, state FROM actors WHERE kind = ? AND key IN ("
+                        + ",".join("?" * len(chunk))
+                        + ")"
+                    )
+                    for key, last_seq, state in await db.execute_fetchall(sql, (kind, *chunk)):
+                        found[(kind, key)] = (last_seq, state)
+        return found
+
+    async def load_actor(self, kind: str, key: str) -> tuple[int, bytes] | None:
+        async with self._reading("load_actor") as db:
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT last_seq, state FROM actors WHERE kind = ? AND key = ?", (kind, key)
+                )
+            )
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    async def count_actors(self) -> int:
+        """Scans the table (without holding up writes): for tooling, not for the event path."""
+        async with self._reading("count_actors") as db:
+            rows = list(await db.execute_fetchall("SELECT count(*) FROM actors"))
+        return int(rows[0][0])
+
+    # -- timers -----------------------------------------------------------------------
+
+    async def due_timers(self, partition: int, until_us: int, limit: int = 1000) -> list[DueTimer]:
+        """Timers of `partition` with deadline <= until_us, earliest first (ties by kind, key, name)."""
+        async with self._reading("due_timers") as db:
+            rows = await db.execute_fetchall(DUE_TIMERS_SQL, (partition, until_us, limit))
+        return [DueTimer(*row) for row in rows]
+
+    async def next_deadline(self, partition: int) -> int | None:
+        """The earliest timer deadline of `partition`, or None when it has none."""
+        async with self._reading("next_deadline") as db:
+            rows = list(await db.execute_fetchall(_NEXT_DEADLINE, (partition,)))
+        return int(rows[0][0]) if rows else None
+
+    # -- tooling ----------------------------------------------------------------------
+
+    async def stats(self) -> StoreStats:
+        """Counts (full scans: for tooling) and file sizes."""
+        async with self._reading("stats") as db:
+            (actors,) = next(iter(await db.execute_fetchall("SELECT count(*) FROM actors")))
+            (timers,) = next(iter(await db.execute_fetchall("SELECT count(*) FROM timers")))
+        return StoreStats(
+            actors=actors,
+            timers=timers,
+            partitions=await self.all_marks(),
+            file_bytes=_size(self.path),
+            wal_bytes=_size(_schema.wal_path(self.path)),
+        )
+
+    async def integrity_check(self) -> list[str]:
+        """A full check of the file and of the store's own invariants; [] when sound.
+
+        Reads the whole file (on the read connection, so writes go on meanwhile): a command
+        for tooling, not for the event path. Never raises for damage it finds: it lists it.
+        """
+        problems: list[str] = []
+        async with self._reading("integrity_check") as db:
+            try:
+                rows = await db.execute_fetchall("PRAGMA integrity_check")
+                # At most 100 findings; SQLite may pack several lines into one row.
+                problems += [line for r in rows if r[0] != "ok" for line in str(r[0]).splitlines()]
+                ((orphans,),) = await db.execute_fetchall(
+                    "SELECT count(*) FROM timers AS t WHERE NOT EXISTS"
+                    " (SELECT 1 FROM actors AS a WHERE a.kind = t.kind AND a.key = t.key)"
+                )
+                ((moved,),) = await db.execute_fetchall(
+                    "SELECT count(*) FROM timers AS t JOIN actors AS a ON a.kind = t.kind AND a.key = t.key"
+                    " WHERE a.partition != t.partition"
+                )
+            except sqlite3.DatabaseError as e:
+                return [*problems, f"SQLite: {e}"]
+        if orphans:
+            problems.append(f"{orphans} timers have no actor row")
+        if moved:
+            problems.append(f"{moved} timers name a partition other than their actor's")
+        return problems
+
+    async def reset(self, identity: StreamIdentity | None = None) -> None:
+        """Delete every actor, timer and mark and record `identity`: a rebuild from the stream starts here."""
+        async with self._transaction("reset") as db:
+            await db.execute("DELETE FROM actors")
+            await db.execute("DELETE FROM timers")
+            await db.execute("DELETE FROM partitions")
+            await db.execute("DELETE FROM meta WHERE name IN ('stream_name', 'stream_created')")
+            if identity is not None:
+                await db.executemany(
+                    "INSERT INTO meta (name, value) VALUES (?, ?)",
+                    [("stream_name", identity.name), ("stream_created", identity.created)],
+                )
+
+    # -- internals --------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _reading(self, op: str) -> AsyncIterator[aiosqlite.Connection]:
+        """The read connection: each statement sees the last committed state; no lock."""
+        db = self._reader
+        if db is None:
+            raise StoreError(f"snapshot store {self.path} is closed ({op})")
+        try:
+            yield db
+        except sqlite3.Error as e:
+            raise _translate(self.path, e, op) from e
+
+    @asynccontextmanager
+    async def _using(self, op: str) -> AsyncIterator[aiosqlite.Connection]:
+        """The write connection, alone: no other task's statement runs on it until the block ends."""
+        async with self._lock:
+            db = self._db
+            if db is None:
+                raise StoreError(f"snapshot store {self.path} is closed ({op})")
+            try:
+                yield db
+            except sqlite3.Error as e:
+                raise _translate(self.path, e, op) from e
+
+    @asynccontextmanager
+    async def _transaction(self, op: str) -> AsyncIterator[aiosqlite.Connection]:
+        """`_using` inside BEGIN IMMEDIATE ... COMMIT; any error or cancellation rolls back."""
+        async with self._using(op) as db:
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+                yield db
+                await db.execute("COMMIT")
+            except BaseException:
+                # A cancelled statement (BEGIN included) still runs to its end in the SQLite
+                # thread; this rollback is queued behind it, so nothing half-written is ever
+                # committed and no transaction is left open. After a cancelled COMMIT it finds
+                # nothing to undo: the write is then complete, though the caller was cancelled.
+                with anyio.CancelScope(shield=True):
+                    with contextlib.suppress(sqlite3.Error, ValueError):  # the original error says more
+                        await db.rollback()
+                raise
+
+
+async def _put_actors(db: aiosqlite.Connection, partition: int, rows: Sequence[ActorRecord]) -> None:
+    # Generators: the rows are built in the SQLite thread as executemany consumes them,
+    # and sqlite3 releases the GIL while each statement steps, so the event loop keeps running.
+    await db.executemany(_DELETE_TIMERS, ((r.kind, r.key) for r in rows))
+    await db.executemany(_PUT_ACTOR, ((r.kind, r.key, partition, r.last_seq, r.state) for r in rows))
+    await db.executemany(
+        _PUT_TIMER,
+        (
+            (r.kind, r.key, name, deadline, partition)
+            for r in rows
+            if r.timers
+            for name, deadline in r.timers.items()
+        ),
+    )
+
+
+async def _configure(
+    db: aiosqlite.Connection,
+    path: Path,
+    synchronous: Synchronous,
+    cache_mib: int,
+    busy_timeout_ms: int,
+    *,
+    reader: bool = False,
+) -> None:
+    await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    await db.execute(f"PRAGMA cache_size = {-int(cache_mib) * 1024}")  # negative: KiB
+    await db.execute("PRAGMA temp_store = MEMORY")
+    if reader:
+        await db.execute("PRAGMA query_only = ON")
+        return
+    ((mode,),) = await db.execute_fetchall("PRAGMA journal_mode = WAL")
+    if mode != "wal":
+        raise StoreError(
+            f"snapshot store {path}: SQLite WAL mode is not available here (journal_mode={mode})"
+        )
+    await db.execute(f"PRAGMA synchronous = {synchronous}")
+    # After a checkpoint, shrink a log that a large snapshot grew.
+    await db.execute("PRAGMA journal_size_limit = 67108864")
+
+
+async def _verify_schema(db: aiosqlite.Connection, path: Path) -> None:
+    found = {
+        str(name): str(kind)
+        for name, kind in await db.execute_fetchall(
+            "SELECT name, type FROM sqlite_master WHERE name IN ("
+            + ",".join("?" * len(_schema.REQUIRED))
+            + ")",
+            tuple(_schema.REQUIRED),
+        )
+    }
+    missing = [name for name, kind in _schema.REQUIRED.items() if found.get(name) != kind]
+    if missing:
+        raise StoreDamagedError(path, f"missing schema: no {', '.join(missing)}")
+    rows = list(await db.execute_fetchall("SELECT value FROM meta WHERE name = 'schema_version'"))
+    if not rows:
+        raise StoreDamagedError(path, "missing schema: no schema_version row in meta")
+    version = rows[0][0]
+    if version != str(_schema.SCHEMA_VERSION):
+        raise StoreDamagedError(
+            path, f"schema version {version!s:.20}, this build reads version {_schema.SCHEMA_VERSION}"
+        )
+
+
+def _translate(path: Path, e: sqlite3.Error, op: str) -> StoreError:
+    code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+    if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        return StoreDamagedError(path, f"SQLite says: {e} (during {op})")
+    name = getattr(e, "sqlite_errorname", type(e).__name__)
+    return StoreError(f"snapshot store {path}: {op} failed: {e} ({name})")
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
