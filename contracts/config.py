@@ -56,8 +56,8 @@ class StreamsConfig(_Section):
 
 class SnapshotsConfig(_Section):
     path: str = "data/router.db"
-    every_events: Annotated[int, Meta(ge=1)] = 50_000
-    every: Duration = "1s"
+    every_events: Annotated[int, Meta(ge=1)] = 100_000
+    every: Duration = "5s"
     resident_actors: Annotated[int, Meta(ge=100)] = 200_000
     synchronous: Literal["OFF", "NORMAL", "FULL"] = "NORMAL"
 

@@ -29,6 +29,7 @@ class DecodeError(Exception):
         super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail
+        self.subject = ""
 
 
 def parse_subject(subject: str) -> tuple[str, str]:

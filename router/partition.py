@@ -12,8 +12,8 @@ from __future__ import annotations
 import heapq
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 import msgspec
@@ -22,12 +22,20 @@ from nats.aio.msg import Msg
 
 import actors
 from actors._base import Alert, Send, SetTimer, Thresholds
-from contracts.decode import ACTOR_ERROR, DecodeError, decode_event, subject_kind_token
-from contracts.events import encode_event
+from contracts.decode import (
+    ACTOR_ERROR,
+    DecodeError,
+    decode_event,
+    decode_payload,
+    parse_subject,
+    subject_kind_token,
+)
+from contracts.events import DECODERS, encode_event
 from contracts.exceptions import ExceptionEvent, exception_id, exception_subject, timer_cause
 from contracts.rules import SEVERITY
 from contracts.times import ns_to_us, rfc3339, to_us
 from router import streams
+from router.keyfilter import KeyFilter
 from snapshots import ActorRecord
 
 if TYPE_CHECKING:
@@ -40,16 +48,21 @@ _HDR_OVERHEAD = len("NATS/1.0\r\n\r\n")
 # A waiting pull request expires after this; its 408 tells the partition it is caught up,
 # which is what lets a timer fire (so keep it well under a second).
 PULL_EXPIRES_NS = 400_000_000
+# At most this many timers are read from the store into the heap at once.
+HORIZON_ROWS = 100_000
 
 
 class _Entry:
-    """One delivered message, in delivery order, until all its effects are confirmed."""
+    """A delivered message with effects, until they are all confirmed. `prev_*` name the message
+    delivered just before it: the furthest a cumulative ack may go while this one is pending."""
 
-    __slots__ = ("outstanding", "reply", "seq")
+    __slots__ = ("outstanding", "prev_reply", "prev_seq", "reply", "seq")
 
-    def __init__(self, seq: int, reply: str) -> None:
+    def __init__(self, seq: int, reply: bytes, prev_seq: int, prev_reply: bytes) -> None:
         self.seq = seq
         self.reply = reply
+        self.prev_seq = prev_seq
+        self.prev_reply = prev_reply
         self.outstanding = 0
 
 
@@ -67,20 +80,26 @@ class Partition:
         self.dirty: set[tuple[str, str]] = set()
         self._writing: set[tuple[str, str]] = set()
         self.cap = rt.cfg.snapshots.resident_actors
+        self.stored = KeyFilter()  # keys the store may hold: a miss needs no SQLite lookup
         # Sequences (stream sequence numbers).
         self.applied_seq = 0  # every message <= it was applied (or dead-lettered)
         self.effects_seq = 0  # effects of every message <= it are confirmed
         self.suppress_through = 0  # effects at or below were confirmed before a restart
         self.acked_seq = 0
         self.snapshot_seq = 0
-        self.stream_ts_us = 0  # JetStream time of the last applied message
+        self.stream_ts_ns = 0  # JetStream time of the last applied message
+        self.last_reply = b""  # ack subject of the last applied message
+        # Move actors to the LRU end only once the resident set nears its cap.
+        self._lru_from = int(self.cap * 0.8)
         self.caught_up_us = 0  # wall time at which the consumer last had nothing more for us
         # Delivery.
-        self._inq: deque[Msg] = deque()
+        self._inq: deque[tuple[bytes, bytes, bytes, dict[str, str] | None]] = deque()
+        self._subjects: dict[bytes, tuple[str, str, str, tuple[str, str]] | DecodeError] = {}
         self._wake = anyio.Event()
         self._inflight: deque[_Entry] = deque()
         self._inbox = ""
         self._requests: dict[str, int] = {}
+        self._req_sent: dict[str, int] = {}  # request -> rt.now_us() when sent
         self._req_next = 0
         self._last_heard = time.monotonic()
         self._reposition = False
@@ -91,8 +110,13 @@ class Partition:
         self._horizon_us = 0
         self._horizon_until = 0
         self._next_horizon = 0
+        self._horizon_full = False  # the last horizon load stopped at HORIZON_ROWS
         self._recovering_until_us = 0
+        # Timer firings whose exceptions are not all confirmed yet:
+        # key -> [ActorRecord right after the firing, publishes outstanding, _snapshot_gen then].
+        self._timer_unconfirmed: dict[tuple[str, str], list[Any]] = {}
         self._timer_confirmed: set[tuple[str, str]] = set()
+        self._snapshot_gen = 0  # snapshots started so far
         # Snapshots.
         self._since_snapshot = 0
         self._last_snapshot = time.monotonic()
@@ -135,6 +159,8 @@ class Partition:
         self.effects_seq = self.suppress_through = effects
         self._received_through = applied
         await streams.position_consumer(rt.jsm, rt.cfg, self.index, applied + 1)
+        if not await rt.store.actor_keys(self.index, limit=1):
+            self.stored.ready = True  # an empty store: no lookups until something is written
         self._horizon_us = rt.horizon_us
         self._recovering_until_us = rt.now_us()
         log.info(
@@ -150,23 +176,36 @@ class Partition:
     # ------------------------------------------------------------------ delivery
 
     async def _on_msg(self, msg: Msg) -> None:
-        self._inq.append(msg)
+        """nats-py's callback path (used when the raw path is not installed)."""
+        self._inq.append((msg.subject.encode(), msg.reply.encode(), msg.data, msg.headers))
         self._wake.set()
+
+    def on_raw(self, subject: bytes, reply: bytes, data: bytes, hdr: dict[str, str] | None) -> None:
+        """The raw path: straight from nats-py's protocol parser, in wire order, no Msg objects."""
+        inq = self._inq
+        if not inq:
+            self._wake.set()  # otherwise the loop is awake or will see the queue before waiting
+        inq.append((subject, reply, data, hdr))
 
     def on_reconnected(self) -> None:
         self._reposition = True
         self._wake.set()
 
     async def _send_pull(self) -> None:
-        """Keep up to two pull requests outstanding, within the in-flight budget."""
+        """Keep two pull requests outstanding (one being delivered, one queued), within the in-flight budget."""
         batch = self.cfg.router.fetch_batch
-        if len(self._requests) >= 2 or sum(self._requests.values()) >= batch:
+        if len(self._requests) >= 2:
             return
         if len(self._inflight) + len(self._inq) > 4 * batch:
             return
         self._req_next += 1
         rid = f"{self._inbox}.{self._req_next}"
         self._requests[rid] = batch
+        sent = self._req_sent
+        if len(sent) >= 8:  # answered or abandoned requests
+            for old in [r for r in sent if r not in self._requests]:
+                del sent[old]
+        sent[rid] = self.rt.now_us()
         req = b'{"batch":%d,"expires":%d}' % (batch, PULL_EXPIRES_NS)
         try:
             await self.rt.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.consumer}", req, reply=rid)
@@ -182,6 +221,7 @@ class Partition:
         sub = await rt.nc.subscribe(
             self._inbox + ".*", cb=self._on_msg, pending_msgs_limit=0, pending_bytes_limit=0
         )
+        rt.raw_path(sub, self.on_raw)
         self._received_through = self.applied_seq
         await self._load_horizon()
         self.ready.set()
@@ -189,6 +229,8 @@ class Partition:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                if not self.stored.ready:
+                    tg.start_soon(self._fill_key_filter)
                 await self._loop()
                 await self._snapshot_done.wait()
                 tg.cancel_scope.cancel()
@@ -217,6 +259,8 @@ class Partition:
                 return
             if self._inq:
                 continue
+            if not self._stopping:
+                await self._send_pull()  # the drain may have used up the outstanding requests
             self._wake = anyio.Event()
             if self._inq or self._reposition:
                 continue
@@ -256,52 +300,136 @@ class Partition:
     # ------------------------------------------------------------------ applying
 
     async def _drain(self) -> None:
-        batch: list[tuple[Msg, int, int, int]] = []  # msg, seq, ts_ns, pending
+        """Apply everything received so far, in delivery order.
+
+        This is the hot path: one tight loop, no per-message awaits or method calls unless a
+        message is bad, its actor must be loaded, or it has effects to publish.
+        """
         inq = self._inq
-        requests = self._requests
+        resident = self.resident
+        subjects = self._subjects
+        apply_fns = _APPLY
+        decoders = DECODERS
+        th = self.th
+        dirty = self.dirty
+        received = self._received_through
+        applied, last_reply = self.applied_seq, self.last_reply
+        stream_ts_ns = self.stream_ts_ns
+        lru = len(resident) >= self._lru_from
+        stored = self.stored
+        new_state = _NEW
+        delivered = 0
+        caught_up_ns = 0
         self._last_heard = time.monotonic()
         while inq:
-            msg = inq.popleft()
-            reply = msg.reply
-            if not reply or not reply.startswith("$JS.ACK."):
-                self._on_status(msg, msg.subject)  # a status answers the request it names
-                continue
-            # A delivered message keeps its own subject; the server serves requests in order.
-            if requests:
-                rid = next(iter(requests))
-                left = requests[rid]
-                if left <= 1:
-                    del requests[rid]
+            batch = []
+            missing: set[tuple[str, str]] | None = None
+            while inq:
+                subject, reply, data, hdr = inq.popleft()
+                if not reply.startswith(b"$JS.ACK."):
+                    self._on_status(hdr, data, subject.decode())  # a status names its request
+                    continue
+                delivered += 1
+                tokens = reply.split(b".")
+                # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>[...]
+                if len(tokens) == 9:
+                    seq, ts_ns, pending = int(tokens[5]), int(tokens[7]), int(tokens[8])
                 else:
-                    requests[rid] = left - 1
-            tokens = reply.split(".")
-            # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>[...]
-            if len(tokens) == 9:
-                seq, ts_ns, pending = int(tokens[5]), int(tokens[7]), int(tokens[8])
-            else:
-                seq, ts_ns, pending = int(tokens[7]), int(tokens[9]), int(tokens[10])
-            if seq <= self._received_through:
-                if seq <= self.acked_seq:
-                    await self.rt.nc.publish(reply, b"+ACK")
-                continue
-            self._received_through = seq
-            batch.append((msg, seq, ts_ns, pending))
-        if not batch:
-            return
-        await self._ensure_resident(batch)
-        for msg, seq, ts_ns, pending in batch:
-            await self._apply(msg, seq, ts_ns)
-            if pending == 0:
-                self.caught_up_us = max(self.caught_up_us, ns_to_us(ts_ns))
-        self._evict()
+                    seq, ts_ns, pending = int(tokens[7]), int(tokens[9]), int(tokens[10])
+                if seq <= received:
+                    if seq <= self.acked_seq:
+                        await self.rt.nc.publish(reply.decode(), b"+ACK")
+                    continue
+                received = seq
+                if pending == 0:
+                    caught_up_ns = ts_ns
+                parsed = subjects.get(subject)
+                if parsed is None:
+                    parsed = self._subject(subject)
+                if type(parsed) is tuple:
+                    k = parsed[3]
+                    if k not in resident:
+                        if k in stored:
+                            if missing is None:
+                                missing = set()
+                            missing.add(k)
+                        else:
+                            resident[k] = new_state[k[0]](k[1])
+                            stored.add(k)  # it will be written: from now on ask the store
+                batch.append((seq, ts_ns, reply, parsed, data))
+            if missing:
+                await self._load(missing)
+            for seq, ts_ns, reply, parsed, data in batch:
+                prev_seq, prev_reply = applied, last_reply
+                applied, last_reply = seq, reply
+                if ts_ns > stream_ts_ns:
+                    stream_ts_ns = ts_ns
+                if type(parsed) is not tuple:
+                    await self._rare(seq, reply, prev_seq, prev_reply, parsed, data, None, None, None, 0)
+                    continue
+                kind = parsed[1]
+                try:
+                    event = decoders[kind].decode(data)
+                    if not data.isascii():
+                        data.decode("utf-8")  # msgspec does not check the UTF-8 of fields it skips
+                except (msgspec.DecodeError, UnicodeDecodeError):
+                    await self._rare(seq, reply, prev_seq, prev_reply, parsed, data, None, None, None, 0)
+                    continue
+                k = parsed[3]
+                state = resident[k]
+                if lru:
+                    resident.move_to_end(k)
+                if state.seq >= seq:
+                    continue  # already applied before a restart (the stored state is ahead)
+                ts = event.ts
+                ts_us = to_us(ts) if ts is not None else (ts_ns + 500) // 1000
+                try:
+                    effects = apply_fns[kind](state, event, ts_us, th)
+                except Exception as exc:  # a defect in an actor: report it, keep the partition going
+                    await self._rare(seq, reply, prev_seq, prev_reply, parsed, data, event, exc, None, ts_us)
+                    continue
+                state.seq = seq
+                dirty.add(k)
+                if effects:
+                    await self._rare(seq, reply, prev_seq, prev_reply, parsed, data, event, None, effects, ts_us)
+        self._received_through = received
+        self.applied_seq, self.last_reply = applied, last_reply
+        self.stream_ts_ns = stream_ts_ns
+        self._since_snapshot += delivered
+        self.processed += delivered
+        self._account(delivered)
+        if caught_up_ns:
+            self.caught_up_us = max(self.caught_up_us, ns_to_us(caught_up_ns))
+        if len(resident) > self.cap:
+            self._evict()
 
-    def _on_status(self, msg: Msg, rid: str) -> None:
-        hdr = msg.headers or {}
+    def _account(self, delivered: int) -> None:
+        """Count delivered messages against the pull requests, oldest first (the server serves them in order)."""
+        requests = self._requests
+        while delivered and requests:
+            rid = next(iter(requests))
+            left = requests[rid]
+            if left <= delivered:
+                delivered -= left
+                del requests[rid]
+            else:
+                requests[rid] = left - delivered
+                delivered = 0
+
+    def _on_status(self, hdr: dict[str, str] | None, data: bytes, rid: str) -> None:
+        hdr = hdr or {}
         status = hdr.get("Status", "")
         if status in ("404", "408"):
             if rid in self._requests:
                 del self._requests[rid]
-                self.caught_up_us = self.rt.now_us()
+                # The server expired the request no sooner than PULL_EXPIRES after we sent it, and had
+                # nothing more for us then: everything stored before that moment was delivered ahead of
+                # this status. (The time we read the status is later, and events stored in between
+                # may still be on their way: counting them as seen could fire a timer too early.)
+                sent = self._req_sent.pop(rid, None)
+                if sent is not None:
+                    seen = min(self.rt.now_us(), sent + PULL_EXPIRES_NS // 1000) if status == "408" else sent
+                    self.caught_up_us = max(self.caught_up_us, seen)
         elif status == "409":
             self._requests.pop(rid, None)
             desc = hdr.get("Description", "")
@@ -311,21 +439,41 @@ class Partition:
                 log.info("pull_status", partition=self.index, status=status, description=desc)
         elif status == "100":
             pass  # heartbeat
-        elif msg.data == b"" and not hdr:
+        elif data == b"" and not hdr:
             self._requests.pop(rid, None)
 
-    async def _ensure_resident(self, batch: list[tuple[Msg, int, int, int]]) -> None:
-        """Load, in one query, the stored actors of a batch that are not in memory."""
-        resident = self.resident
-        missing: set[tuple[str, str]] = set()
-        for msg, _seq, _ts, _p in batch:
-            parts = msg.subject.split(".")  # the subject as stored: events[.p].kind.key
-            if len(parts) >= 3:
-                k = (parts[-2], parts[-1])
-                if k not in resident and k[0] in actors.STATE_TYPES:
-                    missing.add(k)
-        if missing:
-            await self._load(missing)
+    def _subject(self, subject: bytes) -> tuple[str, str, str, tuple[str, str]] | DecodeError:
+        """(subject, kind, key, (kind, key)) of a stored subject, or its bad_subject error; cached."""
+        cached = self._subjects.get(subject)
+        if cached is None:
+            text = subject.decode("utf-8", "replace")
+            try:
+                kind, key = parse_subject(text)
+            except DecodeError as err:
+                err.subject = text
+                cached = err
+            else:
+                cached = (text, kind, key, (kind, key))
+            if len(self._subjects) >= 262_144:
+                self._subjects.clear()
+            self._subjects[subject] = cached
+        return cached
+
+    async def _fill_key_filter(self) -> None:
+        """Read the stored keys into the filter in the background; lookups use SQLite meanwhile."""
+        started = time.monotonic()
+        after = ("", "")
+        n = 0
+        while True:
+            page = await self.rt.store.actor_keys(self.index, after, 50_000)
+            for k in page:
+                self.stored.add(k)
+            n += len(page)
+            if len(page) < 50_000:
+                break
+            after = page[-1]
+        self.stored.ready = True
+        log.info("key_filter_ready", partition=self.index, keys=n, s=round(time.monotonic() - started, 2))
 
     async def _load(self, keys: set[tuple[str, str]]) -> None:
         found = await self.rt.store.load_actors(list(keys))
@@ -335,53 +483,72 @@ class Partition:
                 self.resident[k] = actors.decode_state(k[0], item[1])
             else:
                 self.resident[k] = actors.ACTORS[k[0]].new(k[1])
+                self.stored.add(k)
 
-    async def _apply(self, msg: Msg, seq: int, ts_ns: int) -> None:
-        entry = _Entry(seq, msg.reply)
+    def _entry(self, seq: int, reply: bytes, prev_seq: int, prev_reply: bytes) -> _Entry:
+        """Track a message with effects; acks stop before it until they are confirmed."""
+        entry = _Entry(seq, reply, prev_seq, prev_reply)
         self._inflight.append(entry)
-        publish = seq > self.suppress_through
-        subject = msg.subject
-        try:
-            kind, key, event = decode_event(subject, msg.data)
-        except DecodeError as err:
-            if publish:
-                await self._dead_letter(entry, subject, msg.data, err.code, err.detail)
-            self._applied(seq, ts_ns)
-            return
-        k = (kind, key)
-        state = self.resident.get(k)
-        if state is None:  # a key whose subject did not parse before decode (cannot happen)
-            await self._load({k})
-            state = self.resident[k]
-        else:
-            self.resident.move_to_end(k)
-        if state.seq >= seq:
-            self._applied(seq, ts_ns)
-            return
-        ts_us = to_us(event.ts) if event.ts is not None else ns_to_us(ts_ns)
-        backup = actors.encode_state(state)
-        try:
-            effects = actors.step(kind, state, key, seq, event, ts_us, self.th)[1]
-        except Exception as exc:  # a defect in an actor: report it, keep the partition going
-            self.resident[k] = actors.decode_state(kind, backup)
-            log.error("actor_error", kind=kind, key=key, seq=seq, error=repr(exc))
-            if publish:
-                detail = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]
-                await self._dead_letter(entry, subject, msg.data, ACTOR_ERROR, detail)
-            self._applied(seq, ts_ns)
-            return
-        self.dirty.add(k)
-        if effects:
-            await self._effects(entry, kind, key, seq, ts_us, effects, publish)
-        self._applied(seq, ts_ns)
+        return entry
 
-    def _applied(self, seq: int, ts_ns: int) -> None:
-        self.applied_seq = seq
-        self._since_snapshot += 1
-        self.processed += 1
-        ts_us = ns_to_us(ts_ns)
-        if ts_us > self.stream_ts_us:
-            self.stream_ts_us = ts_us
+    async def _rare(
+        self, seq: int, reply: bytes, prev_seq: int, prev_reply: bytes, parsed: Any, data: bytes,
+        event: Any, exc: Exception | None, effects: Any, ts_us: int,
+    ) -> None:
+        """The uncommon outcomes of one message: dead letter, actor error, effects to publish."""
+        publish = seq > self.suppress_through
+        if isinstance(parsed, DecodeError):
+            if publish:
+                entry = self._entry(seq, reply, prev_seq, prev_reply)
+                await self._dead_letter(entry, parsed.subject, data, parsed.code, parsed.detail)
+            return
+        text, kind, key, _k = parsed
+        if event is None:  # the payload did not decode
+            try:
+                decode_payload(kind, data)
+            except DecodeError as err:
+                if publish:
+                    entry = self._entry(seq, reply, prev_seq, prev_reply)
+                    await self._dead_letter(entry, text, data, err.code, err.detail)
+                return
+            raise AssertionError("decode_payload accepted what the decoder refused")  # pragma: no cover
+        if exc is not None:
+            log.error("actor_error", kind=kind, key=key, seq=seq, error=repr(exc))
+            await self._rebuild_actor(kind, key, seq)
+            if publish:
+                entry = self._entry(seq, reply, prev_seq, prev_reply)
+                detail = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]
+                await self._dead_letter(entry, text, data, ACTOR_ERROR, detail)
+            return
+        outward = publish and any(type(e) is not SetTimer for e in effects)
+        entry = self._entry(seq, reply, prev_seq, prev_reply) if outward else None
+        await self._effects(entry, kind, key, seq, ts_us, effects, publish)
+
+    async def _rebuild_actor(self, kind: str, key: str, upto: int) -> None:
+        """An actor raised midway: rebuild its state from the store plus its events in the stream
+        before `upto`, so the failed event leaves the state unchanged (CONTRACT section 4)."""
+        k = (kind, key)
+        found = await self.rt.store.load_actors([k])
+        item = found.get(k)
+        state = actors.decode_state(kind, item[1]) if item is not None else actors.ACTORS[kind].new(key)
+        filt = f"events.{kind}.{key}" if self.cfg.router.partitions <= 1 else f"events.*.{kind}.{key}"
+        seq = state.seq + 1
+        while seq < upto:
+            try:
+                m = await self.rt.jsm.get_msg(self.stream, seq=seq, subject=filt, next=True)
+            except Exception:
+                break
+            if m.seq is None or m.seq >= upto:
+                break
+            seq = m.seq + 1
+            try:
+                _k, _key, event = decode_event(str(m.subject), bytes(m.data or b""))
+                ts_us = to_us(event.ts) if event.ts is not None else _msg_time_us(m)
+                actors.step(kind, state, key, m.seq, event, ts_us, self.th)
+            except Exception:
+                continue  # dead-lettered the first time too
+        self.resident[k] = state
+        self.dirty.add(k)
 
     async def _effects(
         self,
@@ -457,6 +624,7 @@ class Partition:
         return done
 
     async def _dead_letter(self, entry: _Entry, subject: str, data: bytes, code: str, detail: str) -> None:
+        """Republish the original bytes on deadletter.<kind> with the reason (CONTRACT section 4)."""
         kind = subject_kind_token(subject)
         headers = {
             "Nats-Msg-Id": f"dead:{entry.seq}",
@@ -477,16 +645,20 @@ class Partition:
         await self._publish(entry, f"deadletter.{kind}", data, headers, None)
 
     async def _advance_acks(self) -> None:
+        """Ack (AckAll) up to just before the first message whose effects are not all confirmed."""
         inflight = self._inflight
-        last: _Entry | None = None
         while inflight and inflight[0].outstanding == 0:
-            last = inflight.popleft()
-        if last is None:
+            inflight.popleft()
+        if inflight:
+            seq, reply = inflight[0].prev_seq, inflight[0].prev_reply
+        else:
+            seq, reply = self.applied_seq, self.last_reply
+        if seq <= self.acked_seq or not reply:
             return
-        self.effects_seq = max(self.effects_seq, last.seq)
-        self.acked_seq = last.seq
+        self.effects_seq = max(self.effects_seq, seq)
+        self.acked_seq = seq
         try:
-            await self.rt.nc.publish(last.reply, b"+ACK")
+            await self.rt.nc.publish(reply.decode(), b"+ACK")
         except Exception as exc:  # disconnected: the next ack covers it (AckAll)
             log.debug("ack_deferred", partition=self.index, error=repr(exc))
 
@@ -525,6 +697,7 @@ class Partition:
         self._snapshot_done = anyio.Event()
         writing, self.dirty = self.dirty, set()
         self._writing = writing
+        self._snapshot_gen += 1
         self._since_snapshot = 0
         self._last_snapshot = time.monotonic()
         if force:
@@ -583,15 +756,22 @@ class Partition:
     async def _load_horizon(self) -> None:
         now = self.rt.now_us()
         until = now + self._horizon_us
-        rows = await self.rt.store.due_timers(self.index, until, 100_000)
+        rows = await self.rt.store.due_timers(self.index, until, HORIZON_ROWS)
         for deadline, kind, key, name in rows:
             self._push_timer(deadline, kind, key, name)
+        self._horizon_full = len(rows) >= HORIZON_ROWS
+        if self._horizon_full:
+            # More are due within the horizon than one load takes: the heap covers up to the last
+            # deadline read, and the next load comes as soon as it has fired down to there.
+            until = rows[-1].deadline_us
         self._horizon_until = until
         self._next_horizon = now + self._horizon_us // 2
 
     async def _fire_due_timers(self) -> None:
         now = self.rt.now_us()
-        if now >= self._next_horizon:
+        if now >= self._next_horizon or (
+            self._horizon_full and (not self._heap or self._heap[0][0] > self._horizon_until)
+        ):
             # Timers beyond the old horizon live only in the store: make it current, then look ahead.
             await self._snapshot_done.wait()
             await self._maybe_snapshot(force=True)
@@ -599,7 +779,7 @@ class Partition:
         heap = self._heap
         if not heap:
             return
-        limit = min(now, max(self.caught_up_us, self.stream_ts_us))
+        limit = min(now, max(self.caught_up_us, ns_to_us(self.stream_ts_ns)))
         while heap and heap[0][0] <= limit:
             item = heapq.heappop(heap)
             self._heap_set.discard(item)
@@ -619,6 +799,12 @@ class Partition:
             publish = True
             if deadline < self._recovering_until_us:
                 publish = not await self._timer_already_published(kind, key, effects, cause)
+            outward = sum(1 for e in effects if type(e) is Alert or type(e) is Send) if publish else 0
+            if outward:
+                # What to store once these are confirmed (see _write_timer_confirmed).
+                record = ActorRecord(kind, key, st.seq, actors.encode_state(st), actors.ACTORS[kind].timers(st))
+                pending = self._timer_unconfirmed.get(k)
+                self._timer_unconfirmed[k] = [record, outward + (pending[1] if pending else 0), self._snapshot_gen]
             await self._effects(
                 None, kind, key, None, deadline, effects, publish, cause=cause, done=lambda k=k: self._timer_done(k)
             )
@@ -626,20 +812,38 @@ class Partition:
                 log.info("timer_fired", kind=kind, key=key, timer=name, deadline=rfc3339(deadline))
 
     def _timer_done(self, k: tuple[str, str]) -> None:
-        self._timer_confirmed.add(k)
-        self._wake.set()
+        pending = self._timer_unconfirmed.get(k)
+        if pending is not None:
+            pending[1] -= 1
+            if pending[1] == 0:
+                self._timer_confirmed.add(k)
+                self._wake.set()
 
     async def _write_timer_confirmed(self) -> None:
-        """Write an actor as soon as a timer's effects are confirmed: a later restart must not refire."""
-        if not self._timer_confirmed:
+        """Store a fired actor as soon as the firing's exceptions are confirmed: a restart must not refire.
+
+        What is stored is the state right after the firing, not the current one: events applied
+        since then are not covered by the partition's marks yet, and a restart must apply them
+        again (a clear after the raise, say). It is stored only when no snapshot has started
+        since the firing (that snapshot holds this actor, as new or newer) and only once the
+        effects of every event it includes are confirmed.
+        """
+        if not self._timer_confirmed or self._snapshot_running:
             return
-        keys, self._timer_confirmed = self._timer_confirmed, set()
-        for k in keys:
-            st = self.resident.get(k)
-            if st is not None:
-                await self.rt.store.write_actor(
-                    self.index, ActorRecord(k[0], k[1], st.seq, actors.encode_state(st), actors.ACTORS[k[0]].timers(st))
-                )
+        rows: list[ActorRecord] = []
+        unconfirmed, effects_seq, gen = self._timer_unconfirmed, self.effects_seq, self._snapshot_gen
+        for k in list(self._timer_confirmed):
+            record, outstanding, fired_gen = unconfirmed[k]
+            if fired_gen != gen or outstanding:
+                self._timer_confirmed.discard(k)
+                if not outstanding:
+                    del unconfirmed[k]
+            elif record.last_seq <= effects_seq:
+                self._timer_confirmed.discard(k)
+                del unconfirmed[k]
+                rows.append(record)
+        if rows:
+            await self.rt.store.write_actors(self.index, rows)
 
     async def _timer_already_published(self, kind: str, key: str, effects: Any, cause: str) -> bool:
         """After a restart, a timer due while the router was away may have fired before the crash."""
@@ -656,3 +860,21 @@ class Partition:
             if (last.headers or {}).get("Nats-Msg-Id") != want:
                 return False
         return True
+
+
+def _apply_fns() -> dict[str, Callable[..., Any]]:
+    return {kind: mod.apply for kind, mod in actors.ACTORS.items()}
+
+
+_APPLY: Final = _apply_fns()
+_NEW: Final = {kind: mod.new for kind, mod in actors.ACTORS.items()}
+
+
+def _msg_time_us(m: Any) -> int:
+    """The JetStream timestamp of a message read with a direct/stream get."""
+    t = getattr(m, "time", None)
+    if t is None:
+        return 0
+    if isinstance(t, (int, float)):
+        return int(t) // 1000
+    return to_us(t)

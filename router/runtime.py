@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,32 @@ class Runtime:
         self.partitions = [Partition(self, i) for i in range(cfg.router.partitions)]
         self.started_at = time.monotonic()
         self._stop = anyio.Event()
+        self._raw_handlers: dict[int, Callable[..., None]] | None = None
         self.url = ""
+
+    def raw_path(self, sub: Any, handler: Callable[[bytes, bytes, bytes, dict[str, str] | None], None]) -> None:
+        """Deliver `sub`'s messages straight from nats-py's protocol parser to `handler`.
+
+        nats-py builds a Msg, queues it and runs a callback task for every message; the
+        partition's hot path needs none of that. The hook keeps wire order (the parser
+        awaits it) and leaves every other subscription on nats-py's own path.
+        """
+        nc = self.nc
+        if self._raw_handlers is None:
+            self._raw_handlers = {}
+            handlers = self._raw_handlers
+            original = nc._process_msg
+            parse_headers = nc._process_headers
+
+            async def process_msg(sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+                h = handlers.get(sid)
+                if h is None:
+                    await original(sid, subject, reply, data, headers)
+                else:
+                    h(subject, reply, data, await parse_headers(headers) if headers else None)
+
+            nc._process_msg = process_msg  # type: ignore[method-assign]
+        self._raw_handlers[sub._id] = handler
 
     def fatal(self, message: str) -> FatalError:
         return FatalError(message)
@@ -111,10 +136,12 @@ class Runtime:
                 await self._stop.wait()
                 log.info("router_stopping")
                 timeout = duration_us(cfg.router.shutdown_timeout) / 1e6
+                for p in self.partitions:
+                    await p.stop()
+                # The partition loops return once their received messages are applied.
                 with anyio.move_on_after(timeout * 0.6) as scope:
                     for p in self.partitions:
-                        await p.stop()
-                    # The partition loops return once their received messages are applied.
+                        await p.finished.wait()
                 if scope.cancelled_caught:
                     log.warning("stop_timeout_draining", seconds=timeout * 0.6)
                     parts.cancel_scope.cancel()

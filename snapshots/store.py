@@ -300,6 +300,14 @@ class Store:
                     [(kind, key, name, deadline, partition) for name, deadline in actor.timers.items()],
                 )
 
+    async def write_actors(self, partition: int, actors: Iterable[ActorRecord]) -> None:
+        """`write_actor` for many in one transaction; marks unchanged."""
+        rows = actors if isinstance(actors, Sequence) else list(actors)
+        if not rows:
+            return
+        async with self._transaction("write_actors") as db:
+            await _put_actors(db, partition, rows)
+
     async def load_actors(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], tuple[int, bytes]]:
         """{(kind, key): (last_seq, state)} for the stored ones among `keys`; missing keys are absent."""
         by_kind: dict[str, list[str]] = {}
@@ -333,6 +341,18 @@ class Store:
         async with self._reading("count_actors") as db:
             rows = list(await db.execute_fetchall("SELECT count(*) FROM actors"))
         return int(rows[0][0])
+
+    async def actor_keys(
+        self, partition: int, after: tuple[str, str] = ("", ""), limit: int = 50_000
+    ) -> list[tuple[str, str]]:
+        """One page of the partition's stored (kind, key)s in key order, after `after` (for filters)."""
+        async with self._reading("actor_keys") as db:
+            rows = await db.execute_fetchall(
+                "SELECT kind, key FROM actors WHERE partition = ? AND (kind, key) > (?, ?)"
+                " ORDER BY kind, key LIMIT ?",
+                (partition, after[0], after[1], limit),
+            )
+        return [(str(k), str(v)) for k, v in rows]
 
     # -- timers -----------------------------------------------------------------------
 

@@ -24,6 +24,13 @@ from tests.support.oracle import read_stream
 pytestmark = pytest.mark.anyio
 
 T0 = "2026-11-20T10:00:00Z"
+# The seeded workloads start here; a router whose clock stands still at this instant fires no
+# wall-clock timer, so its outputs are exactly what the fold of the stream implies.
+NOW_US = 1_790_000_000_000_000
+
+
+def frozen_clock() -> int:
+    return NOW_US
 
 
 def ev(kind: str, key: str, **payload: Any) -> tuple[str, bytes]:
@@ -112,14 +119,14 @@ async def test_restart_mid_stream_loses_and_repeats_nothing(nats_server: Any, tm
     from router.simulate import workload
 
     cfg = make_config(nats_server.url, tmp_path)
-    msgs = list(workload(seed=7, count=3000, bad_share=0.02, now_us=1_790_000_000_000_000))
+    msgs = list(workload(seed=7, count=3000, bad_share=0.02, now_us=NOW_US))
     half = len(msgs) // 2
-    async with running_router(cfg) as rt:
+    async with running_router(cfg, frozen_clock) as rt:
         await publish_all(nats_server.url, msgs[:half])
         await settle(nats_server.url, cfg, rt)
     # Published while the router is down, then a second router picks up from the snapshot.
     await publish_all(nats_server.url, msgs[half:])
-    async with running_router(cfg) as rt:
+    async with running_router(cfg, frozen_clock) as rt:
         await settle(nats_server.url, cfg, rt)
         exp = await check_against_fold(nats_server.url, cfg)
         await check_states(nats_server.url, exp, sample=200)
@@ -131,9 +138,9 @@ async def test_seeded_mixed_workload_matches_the_contract(nats_server: Any, tmp_
     from router.simulate import workload
 
     cfg = make_config(nats_server.url, tmp_path, snapshots={"resident_actors": 100})
-    msgs = list(workload(seed=2026, count=6000, bad_share=0.02, now_us=1_790_000_000_000_000))
+    msgs = list(workload(seed=2026, count=6000, bad_share=0.02, now_us=NOW_US))
     rng = random.Random(1)
-    async with running_router(cfg) as rt:
+    async with running_router(cfg, frozen_clock) as rt:
         for i in range(0, len(msgs), 500):
             await publish_all(nats_server.url, msgs[i : i + 500])
             if rng.random() < 0.5:
