@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import re
 from typing import Annotated, Any, Final, Optional, Union
 
 import msgspec
@@ -18,8 +19,10 @@ Int = Annotated[int, Meta(ge=-MAX_INT, le=MAX_INT)]
 PosInt = Annotated[int, Meta(gt=0, le=MAX_INT)]
 NonNegInt = Annotated[int, Meta(ge=0, le=MAX_INT)]
 Key = Annotated[str, Meta(pattern=KEY_PATTERN)]
-# 1-128 characters, no C0/C1 control characters.
-Location = Annotated[str, Meta(pattern=r"^[^\x00-\x1f\x7f-\x9f]{1,128}$")]
+# 1-128 characters, no C0/C1 control characters (checked in _AtLocation.__post_init__: a
+# `pattern` here costs a regex search per event on the hot path).
+Location = Annotated[str, Meta(min_length=1, max_length=128)]
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # RFC 3339 with an offset; msgspec rounds digits beyond microseconds half up.
 Time = Annotated[_dt.datetime, Meta(tz=True)]
 PosFloat = Annotated[float, Meta(gt=0)]
@@ -36,48 +39,53 @@ class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
 # --- sku -------------------------------------------------------------------------------
 
 
-class Received(_Event, tag="received", frozen=True):
+class _AtLocation(_Event, frozen=True, kw_only=True):
+    """An event at one location: 1-128 characters, no control characters."""
+
     location: Location
+
+    def __post_init__(self) -> None:
+        loc = self.location
+        if not loc.isprintable() and _CONTROL.search(loc) is not None:
+            raise ValueError("Expected `str` without control characters - at `$.location`")
+
+
+class Received(_AtLocation, tag="received", frozen=True):
     qty: PosInt
 
 
-class Ordered(_Event, tag="ordered", frozen=True):
-    location: Location
+class Ordered(_AtLocation, tag="ordered", frozen=True):
     qty: PosInt
     order_id: str
 
 
-class Cancelled(_Event, tag="cancelled", frozen=True):
-    location: Location
+class Cancelled(_AtLocation, tag="cancelled", frozen=True):
     qty: PosInt
     order_id: str
 
 
-class Picked(_Event, tag="picked", frozen=True):
-    location: Location
+class Picked(_AtLocation, tag="picked", frozen=True):
     qty: PosInt
     order_id: Optional[str] = None
 
 
-class Returned(_Event, tag="returned", frozen=True):
-    location: Location
+class Returned(_AtLocation, tag="returned", frozen=True):
     qty: PosInt
     restockable: Optional[bool] = None  # null or absent: true
     reason: Optional[str] = None
 
 
-class Adjusted(_Event, tag="adjusted", frozen=True):
-    location: Location
+class Adjusted(_AtLocation, tag="adjusted", frozen=True):
     delta: Int
     reason: Optional[str] = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.delta == 0:
             raise ValueError("Expected `int` != 0 - at `$.delta`")
 
 
-class Counted(_Event, tag="counted", frozen=True):
-    location: Location
+class Counted(_AtLocation, tag="counted", frozen=True):
     on_hand: NonNegInt
 
 

@@ -50,6 +50,8 @@ _HDR_OVERHEAD = len("NATS/1.0\r\n\r\n")
 PULL_EXPIRES_NS = 400_000_000
 # At most this many timers are read from the store into the heap at once.
 HORIZON_ROWS = 100_000
+# Due timers are fired in chunks of this many: one store read for their actors, checks at once.
+FIRE_CHUNK = 1000
 
 
 class _Entry:
@@ -283,14 +285,17 @@ class Partition:
     async def _do_reposition(self) -> None:
         self._reposition = False
         self._requests.clear()
+        # The new consumer's ack floor is start - 1, and a restart trusts that floor: start
+        # after what is confirmed, not after what was received (redeliveries are skipped).
+        start = min(self._received_through, self._confirmed_through()) + 1
         try:
-            await streams.position_consumer(self.rt.jsm, self.cfg, self.index, self._received_through + 1)
+            await streams.position_consumer(self.rt.jsm, self.cfg, self.index, start)
         except Exception as exc:
             log.warning("consumer_reposition_failed", partition=self.index, error=repr(exc))
             self._reposition = True
             await anyio.sleep(0.5)
             return
-        log.info("consumer_repositioned", partition=self.index, start_seq=self._received_through + 1)
+        log.info("consumer_repositioned", partition=self.index, start_seq=start)
 
     async def stop(self) -> None:
         """Stop fetching; the loop finishes what it received and returns."""
@@ -303,7 +308,7 @@ class Partition:
         """Apply everything received so far, in delivery order.
 
         This is the hot path: one tight loop, no per-message awaits or method calls unless a
-        message is bad, its actor must be loaded, or it has effects to publish.
+        message is bad, its actor must be loaded, or it has alerts or messages to publish.
         """
         inq = self._inq
         resident = self.resident
@@ -312,96 +317,106 @@ class Partition:
         decoders = DECODERS
         th = self.th
         dirty = self.dirty
-        received = self._received_through
-        applied, last_reply = self.applied_seq, self.last_reply
-        stream_ts_ns = self.stream_ts_ns
-        lru = len(resident) >= self._lru_from
         stored = self.stored
         new_state = _NEW
+        heap_until = self._horizon_until
+        received = self._received_through
+        applied, last_reply = self.applied_seq, self.last_reply
+        lru = len(resident) >= self._lru_from
         delivered = 0
-        caught_up_ns = 0
+        caught_up_reply = b""
         self._last_heard = time.monotonic()
         while inq:
-            batch = []
-            missing: set[tuple[str, str]] | None = None
-            while inq:
-                subject, reply, data, hdr = inq.popleft()
-                if not reply.startswith(b"$JS.ACK."):
-                    self._on_status(hdr, data, subject.decode())  # a status names its request
-                    continue
-                delivered += 1
-                tokens = reply.split(b".")
-                # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>[...]
-                if len(tokens) == 9:
-                    seq, ts_ns, pending = int(tokens[5]), int(tokens[7]), int(tokens[8])
+            subject, reply, data, hdr = inq.popleft()
+            if not reply.startswith(b"$JS.ACK."):
+                self._on_status(hdr, data, subject.decode())  # a status names its request
+                continue
+            delivered += 1
+            tokens = reply.split(b".")
+            # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>[.<token>]
+            # (with a domain and account hash after ACK in the 12-token form)
+            short = len(tokens) == 9
+            seq = int(tokens[5] if short else tokens[7])
+            if seq <= received:
+                if seq <= self.acked_seq:
+                    await self.rt.nc.publish(reply.decode(), b"+ACK")
+                continue
+            received = seq
+            if (tokens[8] if short else tokens[10]) == b"0":
+                caught_up_reply = reply
+            parsed = subjects.get(subject)
+            if parsed is None:
+                parsed = self._subject(subject)
+            prev_seq, prev_reply = applied, last_reply
+            applied, last_reply = seq, reply
+            if type(parsed) is not tuple:
+                await self._rare(seq, reply, prev_seq, prev_reply, parsed, data, None, None, None, 0)
+                continue
+            kind = parsed[1]
+            try:
+                event = decoders[kind].decode(data)
+                if not data.isascii():
+                    data.decode("utf-8")  # msgspec does not check the UTF-8 of fields it skips
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):  # deep nesting: malformed
+                await self._rare(seq, reply, prev_seq, prev_reply, parsed, data, None, None, None, 0)
+                continue
+            k = parsed[3]
+            state = resident.get(k)
+            if state is None:
+                if k in stored:
+                    await self._prefetch(k)  # this key and the queued ones not in memory
+                    state = resident[k]
                 else:
-                    seq, ts_ns, pending = int(tokens[7]), int(tokens[9]), int(tokens[10])
-                if seq <= received:
-                    if seq <= self.acked_seq:
-                        await self.rt.nc.publish(reply.decode(), b"+ACK")
-                    continue
-                received = seq
-                if pending == 0:
-                    caught_up_ns = ts_ns
-                parsed = subjects.get(subject)
-                if parsed is None:
-                    parsed = self._subject(subject)
-                if type(parsed) is tuple:
-                    k = parsed[3]
-                    if k not in resident:
-                        if k in stored:
-                            if missing is None:
-                                missing = set()
-                            missing.add(k)
-                        else:
-                            resident[k] = new_state[k[0]](k[1])
-                            stored.add(k)  # it will be written: from now on ask the store
-                batch.append((seq, ts_ns, reply, parsed, data))
-            if missing:
-                await self._load(missing)
-            for seq, ts_ns, reply, parsed, data in batch:
-                prev_seq, prev_reply = applied, last_reply
-                applied, last_reply = seq, reply
-                if ts_ns > stream_ts_ns:
-                    stream_ts_ns = ts_ns
-                if type(parsed) is not tuple:
-                    await self._rare(seq, reply, prev_seq, prev_reply, parsed, data, None, None, None, 0)
-                    continue
-                kind = parsed[1]
-                try:
-                    event = decoders[kind].decode(data)
-                    if not data.isascii():
-                        data.decode("utf-8")  # msgspec does not check the UTF-8 of fields it skips
-                except (msgspec.DecodeError, UnicodeDecodeError):
-                    await self._rare(seq, reply, prev_seq, prev_reply, parsed, data, None, None, None, 0)
-                    continue
-                k = parsed[3]
-                state = resident[k]
-                if lru:
-                    resident.move_to_end(k)
-                if state.seq >= seq:
-                    continue  # already applied before a restart (the stored state is ahead)
-                ts = event.ts
-                ts_us = to_us(ts) if ts is not None else (ts_ns + 500) // 1000
-                try:
-                    effects = apply_fns[kind](state, event, ts_us, th)
-                except Exception as exc:  # a defect in an actor: report it, keep the partition going
-                    await self._rare(seq, reply, prev_seq, prev_reply, parsed, data, event, exc, None, ts_us)
-                    continue
-                state.seq = seq
-                dirty.add(k)
-                if effects:
-                    await self._rare(seq, reply, prev_seq, prev_reply, parsed, data, event, None, effects, ts_us)
+                    state = resident[k] = new_state[kind](parsed[2])
+                    stored.add(k)  # it will be written: from now on ask the store
+            elif lru:
+                resident.move_to_end(k)
+            if state.seq >= seq:
+                continue  # already applied before a restart (the stored state is ahead)
+            ts = event.ts
+            ts_us = to_us(ts) if ts is not None else (_reply_ts_ns(reply) + 500) // 1000
+            try:
+                effects = apply_fns[kind](state, event, ts_us, th)
+            except Exception as exc:  # a defect in an actor: report it, keep the partition going
+                await self._rare(seq, reply, prev_seq, prev_reply, parsed, data, event, exc, None, ts_us)
+                continue
+            state.seq = seq
+            dirty.add(k)
+            if effects:
+                for eff in effects:
+                    if type(eff) is not SetTimer:
+                        await self._rare(seq, reply, prev_seq, prev_reply, parsed, data, event, None, effects, ts_us)
+                        break
+                else:  # only timers changed: no publishing, no ack tracking
+                    for eff in effects:
+                        d = eff.deadline_us
+                        if d is not None and d <= heap_until:
+                            self._push_timer(d, kind, parsed[2], eff.name)
         self._received_through = received
+        if applied > self.applied_seq:
+            ts_ns = _reply_ts_ns(last_reply)
+            if ts_ns > self.stream_ts_ns:
+                self.stream_ts_ns = ts_ns
         self.applied_seq, self.last_reply = applied, last_reply
-        self.stream_ts_ns = stream_ts_ns
         self._since_snapshot += delivered
         self.processed += delivered
         self._account(delivered)
-        if caught_up_ns:
-            self.caught_up_us = max(self.caught_up_us, ns_to_us(caught_up_ns))
+        if caught_up_reply:
+            self.caught_up_us = max(self.caught_up_us, ns_to_us(_reply_ts_ns(caught_up_reply)))
         if len(resident) > self.cap:
             self._evict()
+
+    async def _prefetch(self, first: tuple[str, str]) -> None:
+        """Load `first` and, in the same query, every queued message's actor not in memory."""
+        keys = {first}
+        resident, stored = self.resident, self.stored
+        for subject, _reply, _data, _hdr in self._inq:
+            parsed = self._subject(subject)
+            if type(parsed) is tuple:
+                k = parsed[3]
+                if k not in resident and k in stored:
+                    keys.add(k)
+        await self._load(keys)
 
     def _account(self, delivered: int) -> None:
         """Count delivered messages against the pull requests, oldest first (the server serves them in order)."""
@@ -721,6 +736,11 @@ class Partition:
                 n += 1
                 if n % 5000 == 0:
                     await anyio.sleep(0)
+            # Stored states must not run ahead of confirmed effects: a restart resumes after
+            # `applied` (and skips what a stored state already holds), so an effect of an event
+            # they include that was not yet stored would be lost for good (NATS away, a
+            # rejected publish, then a crash).
+            effects = max(effects, await self._confirmed(max([applied, *(r.last_seq for r in rows)]), keys))
             await self.rt.store.write_snapshot(self.index, rows, applied_seq=applied, effects_seq=effects)
             self.snapshot_seq = applied
             self._marked_effects = effects
@@ -739,6 +759,23 @@ class Partition:
             self._writing = set()
             self._snapshot_running = False
             self._snapshot_done.set()
+
+    def _confirmed_through(self) -> int:
+        """Every message at or below this has all its effects confirmed (acks may lag behind)."""
+        for entry in self._inflight:
+            if entry.outstanding:
+                return entry.prev_seq
+        return self.applied_seq
+
+    async def _confirmed(self, seq: int, keys: set[tuple[str, str]]) -> int:
+        """Wait until the effects of every message <= `seq`, and of timer firings of `keys`, are confirmed."""
+        while True:
+            through = self._confirmed_through()
+            if through >= seq and not any(
+                p[1] and k in keys for k, p in self._timer_unconfirmed.items()
+            ):
+                return through
+            await anyio.sleep(0.005)
 
     async def final_snapshot(self) -> None:
         await self._snapshot_done.wait()
@@ -781,35 +818,44 @@ class Partition:
             return
         limit = min(now, max(self.caught_up_us, ns_to_us(self.stream_ts_ns)))
         while heap and heap[0][0] <= limit:
-            item = heapq.heappop(heap)
-            self._heap_set.discard(item)
-            deadline, kind, key, name = item
-            k = (kind, key)
-            st = self.resident.get(k)
-            if st is None:
-                await self._load({k})
-                st = self.resident[k]
-            if actors.ACTORS[kind].timers(st).get(name) != deadline:
-                continue  # moved or cancelled since it was set
-            effects = actors.fire(kind, st, name, deadline, self.th)
-            if not effects:
-                continue
-            self.dirty.add(k)
-            cause = timer_cause(deadline)
-            publish = True
-            if deadline < self._recovering_until_us:
-                publish = not await self._timer_already_published(kind, key, effects, cause)
-            outward = sum(1 for e in effects if type(e) is Alert or type(e) is Send) if publish else 0
-            if outward:
-                # What to store once these are confirmed (see _write_timer_confirmed).
-                record = ActorRecord(kind, key, st.seq, actors.encode_state(st), actors.ACTORS[kind].timers(st))
-                pending = self._timer_unconfirmed.get(k)
-                self._timer_unconfirmed[k] = [record, outward + (pending[1] if pending else 0), self._snapshot_gen]
-            await self._effects(
-                None, kind, key, None, deadline, effects, publish, cause=cause, done=lambda k=k: self._timer_done(k)
+            due: list[tuple[int, str, str, str]] = []
+            while heap and heap[0][0] <= limit and len(due) < FIRE_CHUNK:
+                item = heapq.heappop(heap)
+                self._heap_set.discard(item)
+                due.append(item)
+            missing = {(kind, key) for _d, kind, key, _n in due if (kind, key) not in self.resident}
+            if missing:
+                await self._load(missing)  # one query for the actors not in memory
+            fired: list[tuple[int, str, str, str, Any]] = []
+            for deadline, kind, key, name in due:
+                st = self.resident[(kind, key)]
+                if actors.ACTORS[kind].timers(st).get(name) != deadline:
+                    continue  # moved or cancelled since it was set
+                effects = actors.fire(kind, st, name, deadline, self.th)
+                if effects:
+                    fired.append((deadline, kind, key, name, effects))
+            # Due while the router was away: it may have fired before a crash. Ask EXCEPTIONS, all at once.
+            published = await self._timers_already_published(
+                {i: (kind, key, eff, timer_cause(d)) for i, (d, kind, key, _n, eff) in enumerate(fired)
+                 if d < self._recovering_until_us}
             )
-            if publish:
-                log.info("timer_fired", kind=kind, key=key, timer=name, deadline=rfc3339(deadline))
+            for i, (deadline, kind, key, name, effects) in enumerate(fired):
+                k = (kind, key)
+                st = self.resident[k]
+                self.dirty.add(k)
+                cause = timer_cause(deadline)
+                publish = i not in published
+                outward = sum(1 for e in effects if type(e) is Alert or type(e) is Send) if publish else 0
+                if outward:
+                    # What to store once these are confirmed (see _write_timer_confirmed).
+                    record = ActorRecord(kind, key, st.seq, actors.encode_state(st), actors.ACTORS[kind].timers(st))
+                    pending = self._timer_unconfirmed.get(k)
+                    self._timer_unconfirmed[k] = [record, outward + (pending[1] if pending else 0), self._snapshot_gen]
+                await self._effects(
+                    None, kind, key, None, deadline, effects, publish, cause=cause, done=lambda k=k: self._timer_done(k)
+                )
+                if publish:
+                    log.info("timer_fired", kind=kind, key=key, timer=name, deadline=rfc3339(deadline))
 
     def _timer_done(self, k: tuple[str, str]) -> None:
         pending = self._timer_unconfirmed.get(k)
@@ -845,6 +891,23 @@ class Partition:
         if rows:
             await self.rt.store.write_actors(self.index, rows)
 
+    async def _timers_already_published(self, firings: dict[int, tuple[str, str, Any, str]]) -> set[int]:
+        """Which of the firings (kind, key, effects, cause) are already in EXCEPTIONS; checked concurrently."""
+        found: set[int] = set()
+        if not firings:
+            return found
+        limiter = anyio.Semaphore(64)
+
+        async def check(i: int, kind: str, key: str, effects: Any, cause: str) -> None:
+            async with limiter:
+                if await self._timer_already_published(kind, key, effects, cause):
+                    found.add(i)
+
+        async with anyio.create_task_group() as tg:
+            for i, firing in firings.items():
+                tg.start_soon(check, i, *firing)
+        return found
+
     async def _timer_already_published(self, kind: str, key: str, effects: Any, cause: str) -> bool:
         """After a restart, a timer due while the router was away may have fired before the crash."""
         for eff in effects:
@@ -868,6 +931,12 @@ def _apply_fns() -> dict[str, Callable[..., Any]]:
 
 _APPLY: Final = _apply_fns()
 _NEW: Final = {kind: mod.new for kind, mod in actors.ACTORS.items()}
+
+
+def _reply_ts_ns(reply: bytes) -> int:
+    """The JetStream timestamp (ns) in a message's ack subject."""
+    tokens = reply.split(b".")
+    return int(tokens[7] if len(tokens) == 9 else tokens[9])
 
 
 def _msg_time_us(m: Any) -> int:
