@@ -1,0 +1,109 @@
+"""One structlog configuration for the whole process: console lines on a TTY, JSON lines otherwise."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Final, Literal, TextIO
+
+import structlog
+import structlog.tracebacks
+from structlog.typing import Processor
+
+LogFormat = Literal["auto", "console", "json"]
+
+LEVELS: Final = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+
+
+class _StderrLogger:
+    """Writes each rendered line to the current `sys.stderr` (so a swapped stream is honoured)."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self._stream = stream
+
+    def msg(self, message: str) -> None:
+        stream = self._stream or sys.stderr
+        stream.write(message + "\n")
+        stream.flush()
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+class _StderrHandler(logging.Handler):
+    """A stdlib handler for the current `sys.stderr` (or a fixed stream)."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        super().__init__()
+        self._stream = stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = self._stream or sys.stderr
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def _renderer(fmt: LogFormat, stream: TextIO) -> tuple[Processor, bool]:
+    """The final processor and whether the output is for people."""
+    if fmt == "auto":
+        isatty = getattr(stream, "isatty", None)
+        fmt = "console" if isatty is not None and isatty() else "json"
+    if fmt == "console":
+        isatty = getattr(stream, "isatty", None)
+        colors = bool(isatty is not None and isatty())
+        return structlog.dev.ConsoleRenderer(colors=colors, sort_keys=False), True
+    return structlog.processors.JSONRenderer(), False
+
+
+def configure_logging(level: str = "info", fmt: LogFormat = "auto", *, stream: TextIO | None = None) -> None:
+    """Configure structlog (and route stdlib `logging` through it) to write to stderr.
+
+    `fmt="auto"` renders human-readable lines when stderr is a terminal and JSON lines
+    otherwise. Timestamps are ISO 8601 in UTC. `level` is debug, info, warning or error.
+    """
+    try:
+        level_no = LEVELS[level.lower()]
+    except KeyError:
+        raise ValueError(f"unknown log level {level!r} (use one of {', '.join(LEVELS)})") from None
+    out = stream or sys.stderr
+    renderer, human = _renderer(fmt, out)
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    tail: list[Processor] = [renderer] if human else [structlog.processors.dict_tracebacks, renderer]
+    structlog.configure(
+        processors=[*shared, structlog.processors.StackInfoRenderer(), *tail],
+        wrapper_class=structlog.make_filtering_bound_logger(level_no),
+        logger_factory=lambda *_args: _StderrLogger(stream),
+        # Not cached, so that a later configure_logging (tests, `router run` after
+        # argument parsing) takes effect for module-level loggers too.
+        cache_logger_on_first_use=False,
+    )
+
+    # Libraries that log through the standard library (asyncio, nats-py) render the same way.
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail],
+    )
+    handler = _StderrHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level_no)
+
+
+def get_logger(**initial: Any) -> Any:
+    """`structlog.get_logger()` with optional bound fields."""
+    return structlog.get_logger(**initial)
