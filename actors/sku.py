@@ -145,7 +145,11 @@ def apply(state: SkuState, event: SkuEvent, ts_us: int, th: Thresholds) -> list[
             msg = f"{key} no longer oversold at {name} (available {available})"
             effects.append(Alert("oversold", "cleared", name, available, 0, msg))
 
-    _window(state, ts_us // HOUR_US, returned, picked, th, effects)
+    hour = ts_us // HOUR_US
+    latest = state.latest_hour
+    if returned or picked or latest is None or hour > latest:
+        _window(state, hour, returned, picked, th, effects)
+    # else: the window neither moves nor counts anything new, so return_spike cannot change.
 
     if out_of_stock != state.out_of_stock:
         state.out_of_stock = out_of_stock
