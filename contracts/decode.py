@@ -62,8 +62,44 @@ def subject_kind_token(subject: str) -> str:
     return "unknown"
 
 
+# JSON nested deeper than this is `malformed` (CONTRACT section 4 leaves it open). A fixed
+# limit, checked before msgspec, makes the outcome the same for every caller: msgspec's own
+# limit is Python's recursion limit, which counts the caller's stack frames.
+MAX_DEPTH: Final = 64
+_STRINGS: Final = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.DOTALL)
+_ONLY_BRACKETS: Final = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def maybe_deep(data: bytes) -> bool:
+    """True when `data` has more than MAX_DEPTH brackets (two byte counts: cheap enough for every message)."""
+    return len(data) > MAX_DEPTH and data.count(b"[") + data.count(b"{") > MAX_DEPTH
+
+
+def nested_too_deep(data: bytes) -> bool:
+    """True when the JSON in `data` nests arrays and objects deeper than MAX_DEPTH levels."""
+    brackets = _STRINGS.sub(b"", data).translate(_ONLY_BRACKETS, _NOT_BRACKETS)
+    for _ in range(MAX_DEPTH):  # each pass removes the innermost level
+        if not brackets:
+            return False
+        inner = brackets.replace(b"[]", b"")
+        if len(inner) == len(brackets):
+            return False  # unbalanced: msgspec says what is wrong
+        brackets = inner
+    return bool(brackets)
+
+
 def decode_payload(kind: str, data: bytes) -> Any:
     """Decode one payload for `kind`; raise DecodeError with the first reason that applies."""
+    if maybe_deep(data) and nested_too_deep(data):
+        raise DecodeError(MALFORMED, f"JSON nested deeper than {MAX_DEPTH} levels")
+    try:
+        return _decode_payload(kind, data)
+    except RecursionError:  # not reached within MAX_DEPTH; never a crash all the same
+        raise DecodeError(MALFORMED, "JSON nested too deeply") from None
+
+
+def _decode_payload(kind: str, data: bytes) -> Any:
     try:
         event = DECODERS[kind].decode(data)
     except msgspec.ValidationError as exc:

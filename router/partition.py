@@ -24,9 +24,11 @@ import actors
 from actors._base import Alert, Send, SetTimer, Thresholds
 from contracts.decode import (
     ACTOR_ERROR,
+    MAX_DEPTH,
     DecodeError,
     decode_event,
     decode_payload,
+    maybe_deep,
     parse_subject,
     subject_kind_token,
 )
@@ -36,6 +38,7 @@ from contracts.rules import SEVERITY
 from contracts.times import ns_to_us, rfc3339, to_us
 from router import streams
 from router.keyfilter import KeyFilter
+from router.recovery import StoredEffects
 from snapshots import ActorRecord
 
 if TYPE_CHECKING:
@@ -114,6 +117,7 @@ class Partition:
         self._next_horizon = 0
         self._horizon_full = False  # the last horizon load stopped at HORIZON_ROWS
         self._recovering_until_us = 0
+        self._stored_effects: StoredEffects | None = None  # see prepare()
         # Timer firings whose exceptions are not all confirmed yet:
         # key -> [ActorRecord right after the firing, publishes outstanding, _snapshot_gen then].
         self._timer_unconfirmed: dict[tuple[str, str], list[Any]] = {}
@@ -149,14 +153,24 @@ class Partition:
             raise rt.fatal(
                 f"partition {self.index}: the snapshot store has applied through sequence {applied} "
                 f"but stream {self.stream} now starts at {first}: events {applied + 1}..{first - 1} were "
-                f"removed before they were applied. Restore the snapshot file from a backup, or move it "
-                f"aside and accept state rebuilt from sequence {first}"
+                f"removed before they were applied, so state cannot be brought up to date. Restore "
+                f"{rt.cfg.snapshot_path} from a backup that has applied through sequence {first - 1} or later"
             )
-        floor = await streams.consumer_ack_floor(rt.jsm, rt.cfg, self.index)
+        floor, delivered = await streams.consumer_marks(rt.jsm, rt.cfg, self.index)
         effects = min(max(effects, floor), last)
         if effects > applied:
             # Record it before the consumer (and its ack floor) is recreated.
             await rt.store.write_effects_mark(self.index, effects)
+        delivered = min(delivered, last)
+        if delivered > effects:
+            # Received by the last run but not acknowledged: some effects may be stored already.
+            self._stored_effects = await StoredEffects.load(rt.nc, rt.cfg, effects, delivered, last)
+            log.info(
+                "unacknowledged_effects_checked",
+                partition=self.index,
+                events=f"{effects + 1}..{delivered}",
+                stored=len(self._stored_effects.ids),
+            )
         self.applied_seq = self.acked_seq = self.snapshot_seq = applied
         self.effects_seq = self.suppress_through = effects
         self._received_through = applied
@@ -273,7 +287,11 @@ class Partition:
     def _idle_wait(self) -> float:
         wait = 0.25
         if self._heap:
-            wait = min(wait, max(0.0, (self._heap[0][0] - self.rt.now_us()) / 1e6))
+            until_due = (self._heap[0][0] - self.rt.now_us()) / 1e6
+            # A timer already due waits for the stream to be seen up to it: a pull status or a
+            # message brings that, and wakes the loop. Polling for it meanwhile would spin.
+            if until_due > 0:
+                wait = min(wait, until_due)
         return max(wait, 0.001)
 
     def _watchdog(self) -> None:
@@ -354,10 +372,13 @@ class Partition:
                 continue
             kind = parsed[1]
             try:
-                event = decoders[kind].decode(data)
-                if not data.isascii():
-                    data.decode("utf-8")  # msgspec does not check the UTF-8 of fields it skips
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):  # deep nesting: malformed
+                if len(data) > MAX_DEPTH and maybe_deep(data):
+                    event = decode_payload(kind, data)  # may nest too deeply: the contract's check
+                else:
+                    event = decoders[kind].decode(data)
+                    if not data.isascii():
+                        data.decode("utf-8")  # msgspec does not check the UTF-8 of fields it skips
+            except (msgspec.DecodeError, UnicodeDecodeError, DecodeError, RecursionError):
                 await self._rare(seq, reply, prev_seq, prev_reply, parsed, data, None, None, None, 0)
                 continue
             k = parsed[3]
@@ -558,10 +579,14 @@ class Partition:
             seq = m.seq + 1
             try:
                 _k, _key, event = decode_event(str(m.subject), bytes(m.data or b""))
-                ts_us = to_us(event.ts) if event.ts is not None else _msg_time_us(m)
+            except DecodeError:
+                continue  # dead-lettered the first time too
+            ts_us = to_us(event.ts) if event.ts is not None else _msg_time_us(m)
+            backup = actors.encode_state(state)
+            try:
                 actors.step(kind, state, key, m.seq, event, ts_us, self.th)
             except Exception:
-                continue  # dead-lettered the first time too
+                state = actors.decode_state(kind, backup)  # failed (and dead-lettered) the first time too
         self.resident[k] = state
         self.dirty.add(k)
 
@@ -626,6 +651,11 @@ class Partition:
         done: Callable[[], None] | None,
     ) -> None:
         if entry is not None:
+            if self._stored_effects is not None:
+                if entry.seq > self._stored_effects.high:
+                    self._stored_effects = None  # past what the last run could have published
+                elif await self._stored_effects.holds(subject, headers["Nats-Msg-Id"], entry.seq):
+                    return  # stored before the crash: publishing it again could duplicate it
             entry.outstanding += 1
             done = self._done_cb(entry)
         await self.rt.publisher.publish(subject, payload, headers, done)
@@ -768,13 +798,19 @@ class Partition:
         return self.applied_seq
 
     async def _confirmed(self, seq: int, keys: set[tuple[str, str]]) -> int:
-        """Wait until the effects of every message <= `seq`, and of timer firings of `keys`, are confirmed."""
+        """Wait until the effects of every message <= `seq` (applied already), and of timer firings
+        of `keys`, are confirmed; return `seq`.
+
+        An applied message with effects has its entry in `_inflight` before the drain can
+        suspend, so this holds once no entry at or below `seq` is outstanding; it does not wait
+        for a long drain to end (`applied_seq` is only brought up to date after one).
+        """
         while True:
-            through = self._confirmed_through()
-            if through >= seq and not any(
+            pending = next((e.seq for e in self._inflight if e.outstanding), None)
+            if (pending is None or pending > seq) and not any(
                 p[1] and k in keys for k, p in self._timer_unconfirmed.items()
             ):
-                return through
+                return seq
             await anyio.sleep(0.005)
 
     async def final_snapshot(self) -> None:

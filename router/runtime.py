@@ -266,9 +266,9 @@ async def _open_store(cfg: Config, events_info: Any) -> Store:
         if not has_history:
             raise FatalError(
                 f"snapshot store {path} is damaged ({exc.reason}) and stream {cfg.streams.events} "
-                f"no longer holds the whole history (it starts at sequence {first}): restore {path} "
-                f"from a backup; or, to accept state rebuilt from what the stream still holds, move "
-                f"the file aside and set the stream's first sequence knowingly"
+                f"no longer holds the whole history (it starts at sequence {first}; events "
+                f"1..{first - 1} are gone), so state cannot be rebuilt from it. Restore {path} from a "
+                f"backup and start again; the damaged file was left in place"
             ) from None
         moved = await Store.quarantine(path)
         log.error("snapshot_store_damaged", path=str(path), reason=exc.reason, moved_to=str(moved),
@@ -289,6 +289,7 @@ async def _open_store(cfg: Config, events_info: Any) -> Store:
 
 async def run(cfg: Config, clock: Callable[[], int] = wall_clock_us) -> int:
     """`router run`: serve until SIGTERM/SIGINT; 0 after a clean stop, 1 on a fatal error."""
+    failure: FatalError | None = None
     try:
         async with Runtime.open(cfg, clock) as rt:
             async with anyio.create_task_group() as tg:
@@ -301,8 +302,13 @@ async def run(cfg: Config, clock: Callable[[], int] = wall_clock_us) -> int:
                             return
 
                 tg.start_soon(signals)
-                await rt.serve()
+                try:
+                    await rt.serve()
+                except FatalError as exc:  # raised here, not wrapped in the task group's ExceptionGroup
+                    failure = exc
                 tg.cancel_scope.cancel()
+            if failure is not None:
+                raise failure
     except FatalError as exc:
         log.error("router_failed", error=str(exc))
         return 1

@@ -135,3 +135,18 @@ async def consumer_ack_floor(jsm: JetStreamManager, cfg: Config, partition: int)
         return 0
     floor = info.ack_floor
     return int(floor.stream_seq or 0) if floor is not None else 0
+
+
+async def consumer_marks(jsm: JetStreamManager, cfg: Config, partition: int) -> tuple[int, int]:
+    """(ack floor, last delivered) stream sequences of the partition's consumer; (0, 0) when none.
+
+    Between the two lie events the last run received but did not acknowledge: their effects
+    may be stored already (see `router.recovery`).
+    """
+    try:
+        info = await jsm.consumer_info(cfg.streams.events, consumer_name(cfg, partition))
+    except NotFoundError:
+        return 0, 0
+    floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor is not None else 0
+    delivered = int(info.delivered.stream_seq or 0) if info.delivered is not None else 0
+    return floor, max(floor, delivered)
