@@ -21,6 +21,7 @@ from contracts.config import Config, duration_us
 from router import streams
 from router.partition import Partition
 from router.publisher import Publisher
+from router.wire import FastParser
 from snapshots import Store, StoreDamagedError
 
 log = structlog.get_logger()
@@ -239,7 +240,10 @@ async def _connect(cfg: Config, url: str, holder: dict[str, Runtime]) -> NATS:
         opts["user_credentials"] = str(cfg.resolve(n.creds))
     try:
         with anyio.fail_after(15):
-            return await nats.connect(**opts)
+            nc = NATS()
+            nc._ps = FastParser(nc)  # see router/wire.py
+            await nc.connect(**opts)
+            return nc
     except Exception as exc:
         raise FatalError(f"cannot connect to NATS at {_redact(url)} (nats.url): {exc!r}") from None
 

@@ -1,0 +1,74 @@
+"""router.wire.FastParser gives nats-py's client exactly the calls nats-py's own parser gives."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+from nats.protocol.parser import Parser
+
+from router.wire import FastParser
+
+pytestmark = pytest.mark.anyio
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, hdr: bytes | None) -> None:
+        self.calls.append(("msg", sid, bytes(subject), bytes(reply), data, hdr))
+
+    async def _process_ping(self) -> None:
+        self.calls.append(("ping",))
+
+    async def _process_pong(self) -> None:
+        self.calls.append(("pong",))
+
+    async def _process_info(self, info: dict[str, Any]) -> None:
+        self.calls.append(("info", info))
+
+    async def _process_err(self, err: str) -> None:
+        self.calls.append(("err", err))
+
+
+def wire(rng: random.Random, n: int) -> bytes:
+    out = bytearray()
+    for i in range(n):
+        r = rng.random()
+        payload = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 60))).replace(b"\r\n", b"xx")
+        if r < 0.45:
+            out += b"MSG events.sku.K%d %d $JS.ACK.EVENTS.router.1.%d.%d.17.0 %d\r\n" % (i, i % 3 + 1, i, i, len(payload))
+            out += payload + b"\r\n"
+        elif r < 0.6:
+            out += b"MSG _INBOX.x.%d 2 %d\r\n%s\r\n" % (i, len(payload), payload)
+        elif r < 0.85:
+            hdr = b"NATS/1.0\r\nNats-Msg-Id: m%d\r\n\r\n" % i
+            reply = b" _R.%d" % i if rng.random() < 0.5 else b""
+            out += b"HMSG events.sku.H%d 1%s %d %d\r\n%s%s\r\n" % (i, reply, len(hdr), len(hdr) + len(payload), hdr, payload)
+        elif r < 0.9:
+            out += b"PING\r\n"
+        elif r < 0.95:
+            out += b"PONG\r\n"
+        else:
+            out += b"+OK\r\n"
+    return bytes(out)
+
+
+@pytest.mark.parametrize("seed", range(20))
+async def test_same_calls_as_nats_py_for_any_split(seed: int) -> None:
+    rng = random.Random(seed)
+    data = wire(rng, 200)
+    want = Recorder()
+    await Parser(want).parse(data)
+    got = Recorder()
+    fast = FastParser(got)
+    i = 0
+    while i < len(data):  # the stream arrives in pieces of any size
+        j = i + rng.choice([1, 2, 3, 7, 64, 500, 4096])
+        await fast.parse(data[i:j])
+        i = j
+    assert got.calls == want.calls
+    assert len(want.calls) > 150
+    assert not fast.buf
