@@ -43,15 +43,28 @@ def rfc3339(us: int) -> str:
     input such as `0001-01-01T00:00:00+01:00`), which `strftime` does not do. The one UTC
     year RFC 3339 cannot write, reachable from `9999-12-31T23:00:00-02:00`, prints as `10000`.
     """
-    cycles, rem = divmod(us, _CYCLE_US)
+    seconds, micro = divmod(us, 1_000_000)
+    prefix = _SECONDS.get(seconds)
+    if prefix is None:
+        prefix = _seconds_prefix(seconds)
+    if micro:
+        return f"{prefix}.{micro:06d}Z"
+    return prefix + "Z"
+
+
+# Exceptions name the same few seconds over and over (event time, detection time).
+_SECONDS: dict[int, str] = {}
+
+
+def _seconds_prefix(seconds: int) -> str:
+    cycles, rem = divmod(seconds * 1_000_000, _CYCLE_US)
     t = EPOCH + _dt.timedelta(microseconds=rem)
     year = t.year + 400 * cycles
-    if t.microsecond:
-        return (
-            f"{year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}"
-            f".{t.microsecond:06d}Z"
-        )
-    return f"{year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}Z"
+    prefix = f"{year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}"
+    if len(_SECONDS) >= 4096:
+        _SECONDS.clear()
+    _SECONDS[seconds] = prefix
+    return prefix
 
 
 def rfc3339_opt(us: int | None) -> str | None:

@@ -66,11 +66,15 @@ class Publisher:
     def outstanding(self) -> int:
         return len(self._pending)
 
-    async def serve(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, raw_path: Callable[..., None] | None = None, *, task_status: Any = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Receive PubAcks and retry unconfirmed publishes until cancelled."""
         sub = await self._nc.subscribe(
             self._prefix + ".*", cb=self._on_ack, pending_msgs_limit=0, pending_bytes_limit=0
         )
+        if raw_path is not None:
+            raw_path(sub, self.on_ack_raw)
         task_status.started()
         try:
             while True:
@@ -94,8 +98,16 @@ class Publisher:
     async def _send(self, token: str, p: _Pending) -> None:
         p.sent_at = time.monotonic()
         p.tries += 1
+        nc = self._nc
         try:
-            await self._nc.publish(p.subject, p.payload, reply=f"{self._prefix}.{token}", headers=p.headers)
+            if nc.is_connected:
+                # The HPUB line built here, as nats-py would, minus its per-header checks: our
+                # header names are constants and our values never hold CR or LF.
+                await nc._send_command(_hpub(p.subject, f"{self._prefix}.{token}", p.headers, p.payload))
+                if nc._flush_queue is not None and nc._flush_queue.empty():
+                    await nc._flush_pending()
+            else:
+                await nc.publish(p.subject, p.payload, reply=f"{self._prefix}.{token}", headers=p.headers)
         except Exception as exc:  # disconnected with a full buffer, closed: retried later
             if p.tries <= 3 or p.tries % 50 == 0:
                 log.warning("publish_deferred", subject=p.subject, error=repr(exc), tries=p.tries)
@@ -103,17 +115,21 @@ class Publisher:
             self.published += 1
 
     async def _on_ack(self, msg: Msg) -> None:
-        token = msg.subject.rpartition(".")[2]
+        """nats-py's callback path (used when the raw path is not installed)."""
+        self.on_ack_raw(msg.subject.encode(), b"", msg.data, msg.headers)
+
+    def on_ack_raw(self, subject: bytes, reply: bytes, data: bytes, hdr: dict[str, str] | None) -> None:
+        token = subject[subject.rfind(b".") + 1 :].decode()
         p = self._pending.get(token)
         if p is None:
             return  # answer to an earlier try that was already confirmed
-        if not msg.data:
+        if not data:
             # 503 no responders: the stream is missing or the server is restarting.
             return
         try:
-            ack = _ACK_DECODER.decode(msg.data)
+            ack = _ACK_DECODER.decode(data)
         except msgspec.DecodeError:
-            log.warning("puback_unreadable", subject=p.subject, data=msg.data[:200])
+            log.warning("puback_unreadable", subject=p.subject, data=data[:200])
             return
         if ack.error is not None:
             if p.tries <= 3 or p.tries % 50 == 0:
@@ -146,3 +162,10 @@ class Publisher:
                 await anyio.sleep(0.01)
             return True
         return False
+
+
+def _hpub(subject: str, reply: str, headers: dict[str, str], payload: bytes) -> bytes:
+    hdr = b"NATS/1.0\r\n" + b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers.items()) + b"\r\n"
+    return b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
+        subject.encode(), reply.encode(), len(hdr), len(hdr) + len(payload), hdr, payload
+    )

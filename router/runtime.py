@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -113,13 +114,16 @@ class Runtime:
     async def serve(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until `request_stop()`; then stop fetching, finish in-flight work and snapshot."""
         cfg = self.cfg
+        # SQLite runs in aiosqlite's thread; with the default 5 ms switch interval a snapshot
+        # write could hold the event loop off for that long when both want the GIL.
+        sys.setswitchinterval(0.001)
         for p in self.partitions:
             try:
                 await p.prepare()
             except FatalError:
                 raise
         async with anyio.create_task_group() as tg:
-            await tg.start(self.publisher.serve)
+            await tg.start(self.publisher.serve, self.raw_path)
             from router.service import serve_queries
 
             await tg.start(serve_queries, self)
