@@ -11,7 +11,7 @@ from contracts.config import RulesConfig, duration_us
 Number = Union[int, float]
 
 
-class Alert(msgspec.Struct, frozen=True):
+class Alert(msgspec.Struct, frozen=True, gc=False):
     """Raise or clear one rule; the router turns it into an exception payload and id."""
 
     rule: str
@@ -22,7 +22,7 @@ class Alert(msgspec.Struct, frozen=True):
     message: str
 
 
-class Send(msgspec.Struct, frozen=True):
+class Send(msgspec.Struct, frozen=True, gc=False):
     """An event for another actor, published on `events.<kind>.<key>`.
 
     `event` is a contracts.events Struct (for example SkuOutOfStock) carrying the `ts` of
@@ -34,7 +34,7 @@ class Send(msgspec.Struct, frozen=True):
     event: Any
 
 
-class SetTimer(msgspec.Struct, frozen=True):
+class SetTimer(msgspec.Struct, frozen=True, gc=False):
     """Set (or with `deadline_us=None`, cancel) the actor's wall-clock timer `name`."""
 
     name: str

@@ -52,7 +52,7 @@ class SkuState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     # For campaigns: sum of available <= 0, or no location yet.
     out_of_stock: bool = True
     # Linked campaign ids, kept sorted.
-    campaigns: list[str] = []
+    campaigns: tuple[str, ...] = ()  # a tuple, not a list: untracked by the cyclic GC
     # Return window: the hour of the latest ts applied, and units per hour inside the window.
     latest_hour: int | None = None
     returned_by_hour: dict[int, int] = {}
@@ -176,9 +176,9 @@ def _link(
         if not linked:
             if state.out_of_stock:
                 send = Send("campaign", campaign, SkuOutOfStock(sku=state.key, ts=from_us(ts_us)))
-            campaigns.insert(i, campaign)
+            state.campaigns = (*campaigns[:i], campaign, *campaigns[i:])
     elif linked:
-        del campaigns[i]
+        state.campaigns = campaigns[:i] + campaigns[i + 1 :]
     # Actor messages are events too: they move the return window.
     _window(state, ts_us // HOUR_US, 0, 0, th, effects)
     if send is not None:

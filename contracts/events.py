@@ -29,7 +29,7 @@ PosFloat = Annotated[float, Meta(gt=0)]
 NonNegFloat = Annotated[float, Meta(ge=0)]
 
 
-class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=False):
     """Common fields of every event. `ts` absent means the JetStream timestamp."""
 
     ts: Optional[Time] = None

@@ -57,6 +57,10 @@ HORIZON_ROWS = 100_000
 FIRE_CHUNK = 1000
 
 
+# Queued by on_disconnected: what follows it in the queue came over a new connection.
+_FENCE: Final[tuple[bytes, bytes, bytes, dict[str, str] | None]] = (b"", b"", b"", {})
+
+
 class _Entry:
     """A delivered message with effects, until they are all confirmed. `prev_*` name the message
     delivered just before it: the furthest a cumulative ack may go while this one is pending."""
@@ -108,6 +112,7 @@ class Partition:
         self._req_next = 0
         self._last_heard = time.monotonic()
         self._reposition = False
+        self._fenced = False  # see on_disconnected
         self._stopping = False
         # Timers: a small heap of what is due soon; the rest waits in SQLite.
         self._heap: list[tuple[int, str, str, str]] = []
@@ -203,6 +208,14 @@ class Partition:
             self._wake.set()  # otherwise the loop is awake or will see the queue before waiting
         inq.append((subject, reply, data, hdr))
 
+    def on_disconnected(self) -> None:
+        """The connection is lost. Deliveries in flight are lost with it, and once reconnected the old
+        consumer goes on after them: a gap that AckAll would acknowledge. So nothing queued after
+        this point is applied until the consumer is recreated after what was received."""
+        self._reposition = True
+        self._inq.append(_FENCE)
+        self._wake.set()
+
     def on_reconnected(self) -> None:
         self._reposition = True
         self._wake.set()
@@ -210,9 +223,9 @@ class Partition:
     async def _send_pull(self) -> None:
         """Keep two pull requests outstanding (one being delivered, one queued), within the in-flight budget."""
         batch = self.cfg.router.fetch_batch
-        if len(self._requests) >= 2:
-            return
-        if len(self._inflight) + len(self._inq) > 4 * batch:
+        if len(self._requests) >= 2 or self._reposition:
+            return  # (a pull sent before the consumer is recreated would reach the old one)
+        if len(self._inflight) + len(self._inq) > 4 * batch or self._over_cap():
             return
         self._req_next += 1
         rid = f"{self._inbox}.{self._req_next}"
@@ -271,6 +284,8 @@ class Partition:
             await self._fire_due_timers()
             await self._maybe_snapshot()
             await self._write_timer_confirmed()
+            if len(self.resident) > self.cap:
+                self._evict()
             if self._stopping and not self._inq:
                 return
             if self._inq:
@@ -278,8 +293,8 @@ class Partition:
             if not self._stopping:
                 await self._send_pull()  # the drain may have used up the outstanding requests
             self._wake = anyio.Event()
-            if self._inq or self._reposition:
-                continue
+            if self._inq or (self._reposition and rt.nc.is_connected):
+                continue  # (while disconnected, on_reconnected wakes the loop)
             with anyio.move_on_after(self._idle_wait()):
                 await self._wake.wait()
             self._watchdog()
@@ -313,6 +328,9 @@ class Partition:
             self._reposition = True
             await anyio.sleep(0.5)
             return
+        # Whatever is queued came from the old consumer after a lost connection: not to be trusted.
+        self._inq.clear()
+        self._fenced = False
         log.info("consumer_repositioned", partition=self.index, start_seq=start)
 
     async def stop(self) -> None:
@@ -328,6 +346,9 @@ class Partition:
         This is the hot path: one tight loop, no per-message awaits or method calls unless a
         message is bad, its actor must be loaded, or it has alerts or messages to publish.
         """
+        if self._fenced:  # the connection was lost: wait for the consumer to be recreated
+            self._inq.clear()
+            return
         inq = self._inq
         resident = self.resident
         subjects = self._subjects
@@ -347,6 +368,10 @@ class Partition:
         while inq:
             subject, reply, data, hdr = inq.popleft()
             if not reply.startswith(b"$JS.ACK."):
+                if hdr is _FENCE[3] and not reply and not subject:  # see on_disconnected
+                    inq.clear()
+                    self._fenced = True
+                    break
                 self._on_status(hdr, data, subject.decode())  # a status names its request
                 continue
             delivered += 1
@@ -467,9 +492,9 @@ class Partition:
                     seen = min(self.rt.now_us(), sent + PULL_EXPIRES_NS // 1000) if status == "408" else sent
                     self.caught_up_us = max(self.caught_up_us, seen)
         elif status == "409":
-            self._requests.pop(rid, None)
+            current = self._requests.pop(rid, None) is not None  # not one to an old consumer
             desc = hdr.get("Description", "")
-            if "Deleted" in desc or "Leadership" in desc:
+            if ("Deleted" in desc or "Leadership" in desc) and current:
                 self._reposition = True
             elif "Exceeded" not in desc and "Max" not in desc:
                 log.info("pull_status", partition=self.index, status=status, description=desc)
@@ -490,7 +515,7 @@ class Partition:
                 cached = err
             else:
                 cached = (text, kind, key, (kind, key))
-            if len(self._subjects) >= 262_144:
+            if len(self._subjects) >= 65_536:
                 self._subjects.clear()
             self._subjects[subject] = cached
         return cached
@@ -710,20 +735,31 @@ class Partition:
     # ------------------------------------------------------------------ memory
 
     def _evict(self) -> None:
+        """Drop least recently used clean actors down to 90% of the cap (they reload from SQLite).
+
+        Dirty actors stay until a snapshot has written them: being over the cap asks for one
+        at once, and `_send_pull` stops fetching while the excess waits for it.
+        """
         resident = self.resident
-        excess = len(resident) - self.cap
+        excess = len(resident) - int(self.cap * 0.9)
         if excess <= 0:
             return
         dirty, writing = self.dirty, self._writing
-        for k in list(resident.keys())[: excess + len(dirty) + len(writing)]:
-            if excess <= 0:
+        limit = excess + len(dirty) + len(writing)  # scan no further than this many
+        victims = []
+        for i, k in enumerate(resident):  # least recently used first
+            if i >= limit or len(victims) >= excess:
                 break
-            if k in dirty or k in writing:
-                continue
+            if k not in dirty and k not in writing:
+                victims.append(k)
+        for k in victims:
             del resident[k]
-            excess -= 1
-        if excess > 0 and not self._snapshot_running:
-            self._since_snapshot = self.cfg.snapshots.every_events  # write back soon
+        if len(resident) > self.cap and not self._snapshot_running:
+            self._since_snapshot = self.cfg.snapshots.every_events  # write back now
+
+    def _over_cap(self) -> bool:
+        """Too many actors in memory to fetch more until a snapshot lets dirty ones go."""
+        return len(self.resident) > self.cap + self.cfg.router.fetch_batch
 
     # ------------------------------------------------------------------ snapshots
 
@@ -764,7 +800,7 @@ class Partition:
                     continue
                 rows.append(ActorRecord(k[0], k[1], st.seq, actors.encode_state(st), actors.ACTORS[k[0]].timers(st)))
                 n += 1
-                if n % 5000 == 0:
+                if n % 1000 == 0:  # keep each slice of the loop short (latency)
                     await anyio.sleep(0)
             # Stored states must not run ahead of confirmed effects: a restart resumes after
             # `applied` (and skips what a stored state already holds), so an effect of an event
@@ -789,6 +825,7 @@ class Partition:
             self._writing = set()
             self._snapshot_running = False
             self._snapshot_done.set()
+            self._wake.set()  # written actors may be evicted now, and fetching may resume
 
     def _confirmed_through(self) -> int:
         """Every message at or below this has all its effects confirmed (acks may lag behind)."""

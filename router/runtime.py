@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import gc
 import signal
 import sys
 import time
@@ -117,6 +118,10 @@ class Runtime:
         # SQLite runs in aiosqlite's thread; with the default 5 ms switch interval a snapshot
         # write could hold the event loop off for that long when both want the GIL.
         sys.setswitchinterval(0.001)
+        # Everything loaded so far (modules, classes, config) lives as long as the process:
+        # keep it out of every later full collection, which would otherwise walk it each time.
+        gc.collect()
+        gc.freeze()
         for p in self.partitions:
             try:
                 await p.prepare()
@@ -212,6 +217,10 @@ async def _connect(cfg: Config, url: str, holder: dict[str, Runtime]) -> NATS:
 
     async def disconnected() -> None:
         log.warning("nats_disconnected", url=_redact(url))
+        rt = holder.get("rt")
+        if rt is not None:
+            for p in rt.partitions:
+                p.on_disconnected()
 
     async def reconnected() -> None:
         log.info("nats_reconnected", url=_redact(url))

@@ -50,8 +50,13 @@ _SYNCHRONOUS: Final = ("OFF", "NORMAL", "FULL")
 NO_TIMERS: Final[Mapping[str, int]] = MappingProxyType({})
 
 
-class ActorRecord(NamedTuple):
-    """One actor to write: its encoded state, the seq of the last event applied, its timers by name."""
+class ActorRecord(msgspec.Struct, frozen=True, gc=False):
+    """One actor to write: its encoded state, the seq of the last event applied, its timers by name.
+
+    Not tracked by the cyclic garbage collector (`gc=False`, it holds no cycles): a snapshot
+    builds one per dirty actor, and a hundred thousand tracked records would make the next
+    full collection stall the event loop.
+    """
 
     kind: str
     key: str

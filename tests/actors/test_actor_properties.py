@@ -274,7 +274,7 @@ def test_sku_state_matches_a_naive_model(acts: list[tuple[Any, ...]], th: Thresh
         history.append((ev, ts))
         m = _sku_model(history, th)
         assert {k: (v.on_hand, v.reserved) for k, v in state.locations.items()} == m["locations"]
-        assert state.campaigns == m["campaigns"]
+        assert list(state.campaigns) == m["campaigns"]
         assert (state.available, state.out_of_stock) == (m["available"], m["out_of_stock"])
         assert (state.returned, state.picked, state.return_spike) == (
             m["returned"],
