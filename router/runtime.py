@@ -29,6 +29,10 @@ from snapshots import Store, StoreDamagedError
 log = structlog.get_logger()
 
 
+# Of `[router] shutdown_timeout`, what a stop keeps for closing the NATS connection (flushing acks).
+CLOSE_S = 1.0
+
+
 class FatalError(Exception):
     """The router cannot start or go on; the message says what to do."""
 
@@ -146,21 +150,27 @@ class Runtime:
                 await self._stop.wait()
                 log.info("router_stopping")
                 timeout = duration_us(cfg.router.shutdown_timeout) / 1e6
+                # Every step below shares this deadline, leaving CLOSE_S to close the connection.
+                stop_by = anyio.current_time() + max(timeout - CLOSE_S, 0.5)
                 for p in self.partitions:
                     await p.stop()
                 # The partition loops return once their received messages are applied.
-                with anyio.move_on_after(timeout * 0.6) as scope:
+                with anyio.move_on_after(timeout * 0.5) as scope:
                     for p in self.partitions:
                         await p.finished.wait()
                 if scope.cancelled_caught:
-                    log.warning("stop_timeout_draining", seconds=timeout * 0.6)
+                    log.warning("stop_timeout_draining", seconds=timeout * 0.5)
                     parts.cancel_scope.cancel()
             with anyio.CancelScope(shield=True):
-                if not await self.publisher.wait_idle(timeout * 0.3):
+                if not await self.publisher.wait_idle((stop_by - anyio.current_time()) * 0.5):
                     log.warning("stop_with_unconfirmed_effects", outstanding=self.publisher.outstanding)
-                with anyio.move_on_after(max(1.0, timeout * 0.3)):
+                # A snapshot waits for the effects of what it holds; without them it is not written
+                # (the next start applies those events again and publishes what is missing).
+                with anyio.move_on_after(max(stop_by - anyio.current_time(), 0.2)) as snap:
                     for p in self.partitions:
                         await p.final_snapshot()
+                if snap.cancelled_caught:
+                    log.warning("stop_without_final_snapshot", reason="effects not confirmed in time")
                 log.info(
                     "router_stopped",
                     applied_seq=[p.applied_seq for p in self.partitions],
@@ -262,7 +272,7 @@ async def _connect(cfg: Config, url: str, holder: dict[str, Runtime]) -> NATS:
 
 
 async def _close_nats(nc: NATS) -> None:
-    with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+    with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_S):
         try:
             await nc.drain()
         except Exception:
