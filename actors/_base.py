@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import msgspec
 
@@ -16,9 +16,9 @@ class Alert(msgspec.Struct, frozen=True, gc=False):
 
     rule: str
     status: Literal["raised", "cleared"]
-    location: Optional[str]
-    value: Optional[Number]
-    threshold: Optional[Number]
+    location: str | None
+    value: Number | None
+    threshold: Number | None
     message: str
 
 
@@ -38,7 +38,7 @@ class SetTimer(msgspec.Struct, frozen=True, gc=False):
     """Set (or with `deadline_us=None`, cancel) the actor's wall-clock timer `name`."""
 
     name: str
-    deadline_us: Optional[int]
+    deadline_us: int | None
 
 
 Effect = Union[Alert, Send, SetTimer]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
-from typing import Annotated, Any, Final, Optional, Union
+from typing import Annotated, Any, Final, Union
 
 import msgspec
 from msgspec import Meta
@@ -32,8 +32,8 @@ NonNegFloat = Annotated[float, Meta(ge=0)]
 class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=False):
     """Common fields of every event. `ts` absent means the JetStream timestamp."""
 
-    ts: Optional[Time] = None
-    id: Optional[str] = None
+    ts: Time | None = None
+    id: str | None = None
 
 
 # --- sku -------------------------------------------------------------------------------
@@ -66,18 +66,18 @@ class Cancelled(_AtLocation, tag="cancelled", frozen=True):
 
 class Picked(_AtLocation, tag="picked", frozen=True):
     qty: PosInt
-    order_id: Optional[str] = None
+    order_id: str | None = None
 
 
 class Returned(_AtLocation, tag="returned", frozen=True):
     qty: PosInt
-    restockable: Optional[bool] = None  # null or absent: true
-    reason: Optional[str] = None
+    restockable: bool | None = None  # null or absent: true
+    reason: str | None = None
 
 
 class Adjusted(_AtLocation, tag="adjusted", frozen=True):
     delta: Int
-    reason: Optional[str] = None
+    reason: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,34 +106,34 @@ SkuEvent = Union[
 
 class Booked(_Event, tag="booked", frozen=True):
     promised_by: Time
-    carrier: Optional[str] = None
-    origin: Optional[str] = None
-    destination: Optional[str] = None
-    order_id: Optional[str] = None
-    temp_min: Optional[float] = None
-    temp_max: Optional[float] = None
+    carrier: str | None = None
+    origin: str | None = None
+    destination: str | None = None
+    order_id: str | None = None
+    temp_min: float | None = None
+    temp_max: float | None = None
 
 
 class PickedUp(_Event, tag="picked_up", frozen=True):
-    location: Optional[str] = None
+    location: str | None = None
 
 
 class InTransit(_Event, tag="in_transit", frozen=True):
-    location: Optional[str] = None
-    eta: Optional[Time] = None
+    location: str | None = None
+    eta: Time | None = None
 
 
 class Delayed(_Event, tag="delayed", frozen=True):
     eta: Time
-    reason: Optional[str] = None
+    reason: str | None = None
 
 
 class OutForDelivery(_Event, tag="out_for_delivery", frozen=True):
-    eta: Optional[Time] = None
+    eta: Time | None = None
 
 
 class DeliveryFailed(_Event, tag="delivery_failed", frozen=True):
-    reason: Optional[str] = None
+    reason: str | None = None
 
 
 class Delivered(_Event, tag="delivered", frozen=True):
@@ -152,9 +152,9 @@ ShipmentEvent = Union[
 
 
 class Started(_Event, tag="started", frozen=True):
-    skus: Optional[Annotated[list[Key], Meta(max_length=100)]] = None
-    cpa_limit: Optional[float] = None
-    budget: Optional[float] = None
+    skus: Annotated[list[Key], Meta(max_length=100)] | None = None
+    cpa_limit: float | None = None
+    budget: float | None = None
 
 
 class Spend(_Event, tag="spend", frozen=True):
@@ -162,8 +162,8 @@ class Spend(_Event, tag="spend", frozen=True):
 
 
 class Conversion(_Event, tag="conversion", frozen=True):
-    count: Optional[Annotated[int, Meta(ge=1, le=MAX_INT)]] = None  # null or absent: 1
-    revenue: Optional[NonNegFloat] = None
+    count: Annotated[int, Meta(ge=1, le=MAX_INT)] | None = None  # null or absent: 1
+    revenue: NonNegFloat | None = None
 
 
 class Paused(_Event, tag="paused", frozen=True):
@@ -226,6 +226,6 @@ def json_schema() -> dict[str, Any]:
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "ops-router events",
         "description": "Payload of events.<kind>.<key>, by kind.",
-        "properties": dict(zip(KINDS, schemas)),
+        "properties": dict(zip(KINDS, schemas, strict=False)),
         "$defs": components,
     }

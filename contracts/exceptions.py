@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal, Union
 
 import msgspec
 
@@ -18,10 +18,10 @@ class ExceptionEvent(msgspec.Struct, frozen=True, omit_defaults=False):
     rule: str
     status: Literal["raised", "cleared"]
     severity: Literal["critical", "warning"]
-    location: Optional[str]
-    value: Optional[Number]
-    threshold: Optional[Number]
-    seq: Optional[int]
+    location: str | None
+    value: Number | None
+    threshold: Number | None
+    seq: int | None
     event_ts: str
     detected_at: str
     message: str

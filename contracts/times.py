@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Final
 
-EPOCH: Final = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+EPOCH: Final = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
 _US: Final = _dt.timedelta(microseconds=1)
 # 400 Gregorian years repeat the calendar exactly: 146097 days.
 _CYCLE_US: Final = 146_097 * 86_400_000_000

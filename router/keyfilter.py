@@ -39,7 +39,4 @@ class KeyFilter:
         if not self.ready:
             return True
         bits = self._bits
-        for p in self._probes(key):  # type: ignore[arg-type]
-            if not bits[p >> 3] & (1 << (p & 7)):
-                return False
-        return True
+        return all(bits[p >> 3] & (1 << (p & 7)) for p in self._probes(key))  # type: ignore[arg-type]

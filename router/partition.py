@@ -9,13 +9,16 @@ earlier message is confirmed by JetStream.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import heapq
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import structlog
 from nats.aio.msg import Msg
@@ -266,10 +269,8 @@ class Partition:
         finally:
             self.finished.set()
             with anyio.CancelScope(shield=True):
-                try:
+                with contextlib.suppress(Exception):
                     await sub.unsubscribe()
-                except Exception:
-                    pass
 
     async def _loop(self) -> None:
         rt = self.rt
@@ -582,8 +583,8 @@ class Partition:
                 await self._dead_letter(entry, text, data, ACTOR_ERROR, detail)
             return
         outward = publish and any(type(e) is not SetTimer for e in effects)
-        entry = self._entry(seq, reply, prev_seq, prev_reply) if outward else None
-        await self._effects(entry, kind, key, seq, ts_us, effects, publish)
+        tracked = self._entry(seq, reply, prev_seq, prev_reply) if outward else None
+        await self._effects(tracked, kind, key, seq, ts_us, effects, publish)
 
     async def _rebuild_actor(self, kind: str, key: str, upto: int) -> None:
         """An actor raised midway: rebuild its state from the store plus its events in the stream
@@ -746,7 +747,7 @@ class Partition:
             return
         dirty, writing = self.dirty, self._writing
         limit = excess + len(dirty) + len(writing)  # scan no further than this many
-        victims = []
+        victims: list[tuple[str, str]] = []
         for i, k in enumerate(resident):  # least recently used first
             if i >= limit or len(victims) >= excess:
                 break
@@ -801,7 +802,7 @@ class Partition:
                 rows.append(ActorRecord(k[0], k[1], st.seq, actors.encode_state(st), actors.ACTORS[k[0]].timers(st)))
                 n += 1
                 if n % 1000 == 0:  # keep each slice of the loop short (latency)
-                    await anyio.sleep(0)
+                    await anyio.lowlevel.checkpoint()
             # Stored states must not run ahead of confirmed effects: a restart resumes after
             # `applied` (and skips what a stored state already holds), so an effect of an event
             # they include that was not yet stored would be lost for good (NATS away, a
@@ -925,7 +926,7 @@ class Partition:
                     pending = self._timer_unconfirmed.get(k)
                     self._timer_unconfirmed[k] = [record, outward + (pending[1] if pending else 0), self._snapshot_gen]
                 await self._effects(
-                    None, kind, key, None, deadline, effects, publish, cause=cause, done=lambda k=k: self._timer_done(k)
+                    None, kind, key, None, deadline, effects, publish, cause=cause, done=functools.partial(self._timer_done, k)
                 )
                 if publish:
                     log.info("timer_fired", kind=kind, key=key, timer=name, deadline=rfc3339(deadline))

@@ -7,6 +7,7 @@ retried until the server confirms it: nothing an effect promises is given up sil
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -81,11 +82,8 @@ class Publisher:
                 await anyio.sleep(self._retry_after / 2)
                 await self._retry_stale()
         finally:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await sub.unsubscribe()
-                except Exception:  # connection already closed
-                    pass
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):  # connection closed
+                await sub.unsubscribe()
 
     async def publish(self, subject: str, payload: bytes, headers: dict[str, str], done: Done | None) -> None:
         """Send one message; `done` runs when the stream confirms it. `headers` must hold Nats-Msg-Id."""
@@ -155,10 +153,10 @@ class Publisher:
             self.retried += 1
             await self._send(token, p)
 
-    async def wait_idle(self, timeout: float) -> bool:
+    async def wait_idle(self, timeout: float) -> bool:  # noqa: ASYNC109 (a bounded wait at shutdown)
         """Wait until every publish is confirmed; False when `timeout` passed first."""
         with anyio.move_on_after(timeout):
-            while self._pending:
+            while self._pending:  # noqa: ASYNC110 (polled at shutdown only)
                 await anyio.sleep(0.01)
             return True
         return False

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import gc
+import json
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import anyio
-import nats
 import structlog
 from nats.aio.client import Client as NATS
 from nats.js.manager import JetStreamManager
@@ -242,18 +241,18 @@ async def _connect(cfg: Config, url: str, holder: dict[str, Runtime]) -> NATS:
     async def error(exc: Exception) -> None:
         log.warning("nats_error", error=repr(exc))
 
-    opts: dict[str, Any] = dict(
-        servers=servers,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        connect_timeout=3,
-        allow_reconnect=True,
-        disconnected_cb=disconnected,
-        reconnected_cb=reconnected,
-        error_cb=error,
-        pending_size=64 * 1024 * 1024,
-        name="ops-router",
-    )
+    opts: dict[str, Any] = {
+        "servers": servers,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "connect_timeout": 3,
+        "allow_reconnect": True,
+        "disconnected_cb": disconnected,
+        "reconnected_cb": reconnected,
+        "error_cb": error,
+        "pending_size": 64 * 1024 * 1024,
+        "name": "ops-router",
+    }
     n = cfg.nats
     if n.user:
         opts["user"], opts["password"] = n.user, n.password or ""
@@ -276,10 +275,8 @@ async def _close_nats(nc: NATS) -> None:
         try:
             await nc.drain()
         except Exception:
-            try:
+            with suppress(Exception):
                 await nc.close()
-            except Exception:
-                pass
 
 
 async def _open_store(cfg: Config, events_info: Any) -> Store:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -51,17 +52,13 @@ async def serve_queries(rt: Runtime, *, task_status: Any = anyio.TASK_STATUS_IGN
             except Exception as exc:
                 log.error("state_query_failed", subject=msg.subject, error=repr(exc))
                 body = {"error": f"state query failed: {exc!r}"}
-        try:
+        with contextlib.suppress(Exception):
             await nc.publish(msg.reply, _ENC.encode(body))
-        except Exception:
-            pass
 
     async def on_health(msg: Msg) -> None:
         if msg.reply:
-            try:
+            with contextlib.suppress(Exception):
                 await nc.publish(msg.reply, _ENC.encode(rt.health()))
-            except Exception:
-                pass
 
     subs = [await nc.subscribe("router.state.>", cb=on_state), await nc.subscribe("router.health", cb=on_health)]
     task_status.started()
@@ -70,7 +67,5 @@ async def serve_queries(rt: Runtime, *, task_status: Any = anyio.TASK_STATUS_IGN
     finally:
         with anyio.CancelScope(shield=True):
             for sub in subs:
-                try:
+                with contextlib.suppress(Exception):
                     await sub.unsubscribe()
-                except Exception:
-                    pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import structlog
@@ -43,14 +44,14 @@ def consumer_name(cfg: Config, partition: int) -> str:
 
 def _stream_configs(cfg: Config) -> list[tuple[api.StreamConfig, str]]:
     s = cfg.streams
-    common: dict[str, Any] = dict(
-        retention=api.RetentionPolicy.LIMITS,
-        storage=api.StorageType.FILE,
-        max_age=duration_us(s.max_age) / 1e6,
-        duplicate_window=duration_us(s.duplicate_window) / 1e6,
-        num_replicas=s.replicas,
-        allow_direct=True,
-    )
+    common: dict[str, Any] = {
+        "retention": api.RetentionPolicy.LIMITS,
+        "storage": api.StorageType.FILE,
+        "max_age": duration_us(s.max_age) / 1e6,
+        "duplicate_window": duration_us(s.duplicate_window) / 1e6,
+        "num_replicas": s.replicas,
+        "allow_direct": True,
+    }
     events = api.StreamConfig(name=s.events, subjects=["events.>"], **common)
     if cfg.router.partitions > 1:
         n = cfg.router.partitions
@@ -87,7 +88,8 @@ async def ensure_streams(jsm: JetStreamManager, cfg: Config) -> dict[str, api.St
     """Create the three streams when missing; accept them when present and covering our subjects."""
     infos: dict[str, api.StreamInfo] = {}
     for want, setting in _stream_configs(cfg):
-        assert want.name is not None and want.subjects is not None
+        assert want.name is not None
+        assert want.subjects is not None
         try:
             info = await jsm.stream_info(want.name)
         except NotFoundError:
@@ -110,10 +112,8 @@ async def position_consumer(
 ) -> api.ConsumerInfo:
     """(Re)create the partition's durable pull consumer so it delivers from `start_seq`."""
     name = consumer_name(cfg, partition)
-    try:
+    with contextlib.suppress(NotFoundError):
         await jsm.delete_consumer(cfg.streams.events, name)
-    except NotFoundError:
-        pass
     config = api.ConsumerConfig(
         durable_name=name,
         ack_policy=api.AckPolicy.ALL,

@@ -85,10 +85,10 @@ class FastParser(Parser):
                     needed = self.needed
                     if n - pos < needed + 2:
                         break
-                    hsize = self.header_needed
-                    if hsize:
-                        hdr: bytes | None = bytes(buf[pos : pos + hsize])
-                        payload = bytes(buf[pos + hsize : pos + needed])
+                    hlen = self.header_needed
+                    if hlen:
+                        hdr: bytes | None = bytes(buf[pos : pos + hlen])
+                        payload = bytes(buf[pos + hlen : pos + needed])
                         self.header_needed = 0
                     else:
                         hdr = None
