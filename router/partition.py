@@ -122,6 +122,9 @@ class Partition:
         self._heap_set: set[tuple[int, str, str, str]] = set()
         self._horizon_us = 0
         self._horizon_until = 0
+        # Timers set beyond the horizon and not yet in a committed snapshot (key -> deadline).
+        self._far: dict[tuple[str, str, str], int] = {}
+        self._far_writing: dict[tuple[str, str, str], int] = {}
         self._next_horizon = 0
         self._horizon_full = False  # the last horizon load stopped at HORIZON_ROWS
         self._recovering_until_us = 0
@@ -437,8 +440,11 @@ class Partition:
                 else:  # only timers changed: no publishing, no ack tracking
                     for eff in effects:
                         d = eff.deadline_us
-                        if d is not None and d <= heap_until:
-                            self._push_timer(d, kind, parsed[2], eff.name)
+                        if d is not None:
+                            if d <= heap_until:
+                                self._push_timer(d, kind, parsed[2], eff.name)
+                            else:
+                                self._far[(kind, parsed[2], eff.name)] = d
         self._received_through = received
         if applied > self.applied_seq:
             ts_ns = _reply_ts_ns(last_reply)
@@ -665,8 +671,11 @@ class Partition:
                 )
             elif type(eff) is SetTimer:
                 d = eff.deadline_us
-                if d is not None and d <= self._horizon_until:
-                    self._push_timer(d, kind, key, eff.name)
+                if d is not None:
+                    if d <= self._horizon_until:
+                        self._push_timer(d, kind, key, eff.name)
+                    else:
+                        self._far[(kind, key, eff.name)] = d
 
     async def _publish(
         self,
@@ -779,6 +788,8 @@ class Partition:
         self._snapshot_done = anyio.Event()
         writing, self.dirty = self.dirty, set()
         self._writing = writing
+        # Timers beyond the horizon set since the last snapshot: this one stores them.
+        self._far_writing, self._far = self._far, {}
         self._snapshot_gen += 1
         self._since_snapshot = 0
         self._last_snapshot = time.monotonic()
@@ -821,8 +832,10 @@ class Partition:
                 )
         except BaseException:
             self.dirty |= keys  # not written: keep them dirty
+            self._far.update(self._far_writing)  # and their far timers in view
             raise
         finally:
+            self._far_writing = {}
             self._writing = set()
             self._snapshot_running = False
             self._snapshot_done.set()
@@ -870,6 +883,11 @@ class Partition:
         rows = await self.rt.store.due_timers(self.index, until, HORIZON_ROWS)
         for deadline, kind, key, name in rows:
             self._push_timer(deadline, kind, key, name)
+        # Far timers set since the last committed snapshot are not in the store yet.
+        for far in (self._far, self._far_writing):
+            for (kind, key, name), deadline in list(far.items()):
+                if deadline <= until:
+                    self._push_timer(deadline, kind, key, name)
         self._horizon_full = len(rows) >= HORIZON_ROWS
         if self._horizon_full:
             # More are due within the horizon than one load takes: the heap covers up to the last
@@ -883,9 +901,8 @@ class Partition:
         if now >= self._next_horizon or (
             self._horizon_full and (not self._heap or self._heap[0][0] > self._horizon_until)
         ):
-            # Timers beyond the old horizon live only in the store: make it current, then look ahead.
-            await self._snapshot_done.wait()
-            await self._maybe_snapshot(force=True)
+            # Look further ahead: the store, plus far timers set since the last snapshot
+            # (no snapshot is forced here: that would hold up the partition).
             await self._load_horizon()
         heap = self._heap
         if not heap:

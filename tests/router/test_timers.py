@@ -379,6 +379,7 @@ async def test_a_firing_published_before_a_crash_is_not_published_again(
         async with ExceptionsTail(url) as tail, crashing_router(cfg, clock) as rt:
             await publish_all(url, [booked("K", v0, v0 + 9 * H), ship("K", "picked_up", v0)])
             await settle(url, cfg, rt)
+            await rt.partitions[0]._maybe_snapshot(force=True)  # stored before the firing
             clock.advance_to(d)
             await tail.wait_for(stalled_id("K", timer(d)))
             await anyio.sleep(0.2)
@@ -467,3 +468,19 @@ async def test_caught_up_counts_from_when_the_pull_request_was_sent(tmp_path: Pa
     assert not p._req_sent
     p._on_status({"Status": "408"}, b"", "in.unknown")  # not ours (any more): says nothing
     assert p.caught_up_us == clock() - 5_000_000 + PULL_EXPIRES_NS // 1000
+
+
+async def test_a_far_timer_set_since_the_last_snapshot_still_fires(nats_server: Any, tmp_path: Path) -> None:
+    """A deadline beyond the in-memory horizon, set after the last snapshot, lives only in memory
+    until the next one: looking further ahead must find it there (no snapshot is forced)."""
+    url = nats_server.url
+    v0 = start_us()
+    clock = VirtualClock(v0)
+    cfg = config(url, tmp_path, snapshots={"every": "1h", "every_events": 1_000_000})
+    d = v0 + H
+    async with ExceptionsTail(url) as tail, running_router(cfg, clock) as rt:
+        await publish_all(url, [booked("F", v0, v0 + 9 * H), ship("F", "picked_up", v0)])
+        await settle(url, cfg, rt)
+        assert not await _stored_state(cfg, "shipment", "F"), "the test needs the timer only in memory"
+        clock.advance_to(d)
+        await tail.wait_for(stalled_id("F", timer(d)))
