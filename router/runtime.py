@@ -56,6 +56,7 @@ class Runtime:
         self.partitions = [Partition(self, i) for i in range(cfg.router.partitions)]
         self.started_at = time.monotonic()
         self._stop = anyio.Event()
+        self.closing = False  # set once the final snapshot is written: the connection closes next
         self._raw_handlers: dict[int, Callable[..., None]] | None = None
         self.url = ""
 
@@ -67,6 +68,9 @@ class Runtime:
         awaits it) and leaves every other subscription on nats-py's own path.
         """
         nc = self.nc
+        if isinstance(nc._ps, FastParser):
+            nc._ps.handlers[sub._id] = handler  # called by the parser itself, no coroutine per message
+            return
         if self._raw_handlers is None:
             self._raw_handlers = {}
             handlers = self._raw_handlers
@@ -170,6 +174,7 @@ class Runtime:
                         await p.final_snapshot()
                 if snap.cancelled_caught:
                     log.warning("stop_without_final_snapshot", reason="effects not confirmed in time")
+                self.closing = True
                 log.info(
                     "router_stopped",
                     applied_seq=[p.applied_seq for p in self.partitions],
@@ -225,8 +230,10 @@ async def _connect(cfg: Config, url: str, holder: dict[str, Runtime]) -> NATS:
     servers = [u.strip() for u in url.split(",") if u.strip()]
 
     async def disconnected() -> None:
-        log.warning("nats_disconnected", url=_redact(url))
         rt = holder.get("rt")
+        if rt is not None and rt.closing:
+            return  # our own close at the end of a stop
+        log.warning("nats_disconnected", url=_redact(url))
         if rt is not None:
             for p in rt.partitions:
                 p.on_disconnected()

@@ -11,7 +11,8 @@ reply, payload, headers)` with the same types, in wire order.
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Callable
+from typing import Any, Final
 
 from nats.protocol.parser import (
     AWAITING_CONTROL_LINE,
@@ -24,7 +25,15 @@ _CRLF: Final = b"\r\n"
 
 
 class FastParser(Parser):
-    """Drop-in replacement for `nats.protocol.parser.Parser` (set as `client._ps` before connect)."""
+    """Drop-in replacement for `nats.protocol.parser.Parser` (set as `client._ps` before connect).
+
+    `handlers` maps a subscription id to a plain function that takes its messages directly
+    (subject, reply, payload, parsed headers), in wire order, instead of nats-py's client.
+    """
+
+    def __init__(self, nc: Any = None) -> None:
+        super().__init__(nc)
+        self.handlers: dict[int, Callable[[bytes, bytes, bytes, dict[str, str] | None], None]] = {}
 
     async def parse(self, data: bytes = b"") -> None:
         buf = self.buf
@@ -96,6 +105,12 @@ class FastParser(Parser):
                     pos += needed + 2
                     self.state = AWAITING_CONTROL_LINE
                     arg = self.msg_arg
+                    handler = self.handlers.get(arg["sid"])
+                    if handler is not None:
+                        handler(
+                            arg["subject"], arg["reply"], payload, await self.nc._process_headers(hdr) if hdr else None
+                        )
+                        continue
                     await self.nc._process_msg(arg["sid"], arg["subject"], arg["reply"], payload, hdr)
                     if self.buf is not buf:
                         return  # the client reset the parser (reconnect): this buffer is gone
