@@ -806,11 +806,14 @@ class Partition:
             rows = []
             resident = self.resident
             n = 0
+            top = applied  # the highest sequence any stored state holds
             for k in keys:
                 st = resident.get(k)
                 if st is None:
                     continue
                 rows.append(ActorRecord(k[0], k[1], st.seq, actors.encode_state(st), actors.ACTORS[k[0]].timers(st)))
+                if st.seq > top:
+                    top = st.seq
                 n += 1
                 if n % 1000 == 0:  # keep each slice of the loop short (latency)
                     await anyio.lowlevel.checkpoint()
@@ -818,7 +821,7 @@ class Partition:
             # `applied` (and skips what a stored state already holds), so an effect of an event
             # they include that was not yet stored would be lost for good (NATS away, a
             # rejected publish, then a crash).
-            effects = max(effects, await self._confirmed(max([applied, *(r.last_seq for r in rows)]), keys))
+            effects = max(effects, await self._confirmed(top, keys))
             await self.rt.store.write_snapshot(self.index, rows, applied_seq=applied, effects_seq=effects)
             self.snapshot_seq = applied
             self._marked_effects = effects
