@@ -136,6 +136,7 @@ class Partition:
         self._snapshot_gen = 0  # snapshots started so far
         # Snapshots.
         self._since_snapshot = 0
+        self._marked_effects = 0  # effects_seq as last written to the store
         self._last_snapshot = time.monotonic()
         self._snapshot_running = False
         self._snapshot_done = anyio.Event()
@@ -797,8 +798,6 @@ class Partition:
             await self._write_snapshot(writing, self.applied_seq, self.effects_seq)
         else:
             self._tg.start_soon(self._write_snapshot, writing, self.applied_seq, self.effects_seq)
-
-    _marked_effects = 0
 
     async def _write_snapshot(self, keys: set[tuple[str, str]], applied: int, effects: int) -> None:
         started = time.monotonic()
