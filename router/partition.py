@@ -53,6 +53,7 @@ _EXC_ENCODER = msgspec.json.Encoder()
 _HDR_OVERHEAD = len("NATS/1.0\r\n\r\n")
 # A waiting pull request expires after this; its 408 tells the partition it is caught up,
 # which is what lets a timer fire (so keep it well under a second).
+KEY_FILTER_PAGE = 4_000
 PULL_EXPIRES_NS = 400_000_000
 # At most this many timers are read from the store into the heap at once.
 HORIZON_ROWS = 100_000
@@ -534,11 +535,12 @@ class Partition:
         after = ("", "")
         n = 0
         while True:
-            page = await self.rt.store.actor_keys(self.index, after, 50_000)
+            # Small pages: actor loads share the store's read connection and queue behind each page.
+            page = await self.rt.store.actor_keys(self.index, after, KEY_FILTER_PAGE)
             for k in page:
                 self.stored.add(k)
             n += len(page)
-            if len(page) < 50_000:
+            if len(page) < KEY_FILTER_PAGE:
                 break
             after = page[-1]
         self.stored.ready = True
