@@ -188,8 +188,11 @@ class Partition:
         self.effects_seq = self.suppress_through = effects
         self._received_through = applied
         await streams.position_consumer(rt.jsm, rt.cfg, self.index, applied + 1)
+        saved = await rt.store.take_blob(self._filter_name)  # used once: a crash later must not reuse it
         if not await rt.store.actor_keys(self.index, limit=1):
             self.stored.ready = True  # an empty store: no lookups until something is written
+        elif saved is not None and self.stored.load(saved):
+            log.info("key_filter_restored", partition=self.index, keys=self.stored.count)
         self._horizon_us = rt.horizon_us
         self._recovering_until_us = rt.now_us()
         log.info(
@@ -872,6 +875,15 @@ class Partition:
         await self._snapshot_done.wait()
         await self._advance_acks()
         await self._maybe_snapshot(force=True)
+        if self.stored.ready:
+            # Every stored key is in the filter (keys are added when their actor is created),
+            # so the next start can skip reading them all. It takes the filter back out at
+            # once, so a crash after that start never trusts a filter older than the store.
+            await self.rt.store.save_blob(self._filter_name, self.stored.dump())
+
+    @property
+    def _filter_name(self) -> str:
+        return f"key_filter:{self.index}"
 
     # ------------------------------------------------------------------ timers
 

@@ -248,6 +248,20 @@ class Store:
                 [("stream_name", identity.name), ("stream_created", identity.created)],
             )
 
+    async def save_blob(self, name: str, value: bytes) -> None:
+        """Keep `value` under `name` in the meta table (for caches that may be rebuilt)."""
+        async with self._transaction("save_blob") as db:
+            await db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))
+
+    async def take_blob(self, name: str) -> bytes | None:
+        """Read and delete the value saved under `name`, in one transaction: it is used once."""
+        async with self._transaction("take_blob") as db:
+            rows = list(await db.execute_fetchall("SELECT value FROM meta WHERE name = ?", (name,)))
+            if rows:
+                await db.execute("DELETE FROM meta WHERE name = ?", (name,))
+        value = rows[0][0] if rows else None
+        return bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else None
+
     async def marks(self, partition: int) -> PartitionMarks:
         """The partition's stored sequences; (0, 0) for a partition never written."""
         async with self._reading("marks") as db:
