@@ -21,7 +21,6 @@ import anyio
 import anyio.lowlevel
 import msgspec
 import structlog
-from nats.aio.msg import Msg
 
 import actors
 from actors._base import Alert, Send, SetTimer, Thresholds
@@ -207,11 +206,6 @@ class Partition:
 
     # ------------------------------------------------------------------ delivery
 
-    async def _on_msg(self, msg: Msg) -> None:
-        """nats-py's callback path (used when the raw path is not installed)."""
-        self._inq.append((msg.subject.encode(), msg.reply.encode(), msg.data, msg.headers))
-        self._wake.set()
-
     def on_raw(self, subject: bytes, reply: bytes, data: bytes, hdr: dict[str, str] | None) -> None:
         """The raw path: straight from nats-py's protocol parser, in wire order, no Msg objects."""
         inq = self._inq
@@ -259,7 +253,7 @@ class Partition:
         rt = self.rt
         self._inbox = rt.nc.new_inbox()
         sub = await rt.nc.subscribe(
-            self._inbox + ".*", cb=self._on_msg, pending_msgs_limit=0, pending_bytes_limit=0
+            self._inbox + ".*", pending_msgs_limit=0, pending_bytes_limit=0
         )
         rt.raw_path(sub, self.on_raw)
         self._received_through = self.applied_seq

@@ -57,35 +57,19 @@ class Runtime:
         self.started_at = time.monotonic()
         self._stop = anyio.Event()
         self.closing = False  # set once the final snapshot is written: the connection closes next
-        self._raw_handlers: dict[int, Callable[..., None]] | None = None
         self.url = ""
 
     def raw_path(self, sub: Any, handler: Callable[[bytes, bytes, bytes, dict[str, str] | None], None]) -> None:
-        """Deliver `sub`'s messages straight from nats-py's protocol parser to `handler`.
+        """Deliver `sub`'s messages straight from the protocol parser to `handler`.
 
         nats-py builds a Msg, queues it and runs a callback task for every message; the
-        partition's hot path needs none of that. The hook keeps wire order (the parser
-        awaits it) and leaves every other subscription on nats-py's own path.
+        partition's hot path needs none of that. `router.wire.FastParser` (installed by
+        `_connect`) calls the handler in wire order and leaves every other subscription on
+        nats-py's own path.
         """
-        nc = self.nc
-        if isinstance(nc._ps, FastParser):
-            nc._ps.handlers[sub._id] = handler  # called by the parser itself, no coroutine per message
-            return
-        if self._raw_handlers is None:
-            self._raw_handlers = {}
-            handlers = self._raw_handlers
-            original = nc._process_msg
-            parse_headers = nc._process_headers
-
-            async def process_msg(sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
-                h = handlers.get(sid)
-                if h is None:
-                    await original(sid, subject, reply, data, headers)
-                else:
-                    h(subject, reply, data, await parse_headers(headers) if headers else None)
-
-            nc._process_msg = process_msg  # type: ignore[method-assign]
-        self._raw_handlers[sub._id] = handler
+        parser = self.nc._ps
+        assert isinstance(parser, FastParser), "connect with router.runtime._connect"
+        parser.handlers[sub._id] = handler
 
     def fatal(self, message: str) -> FatalError:
         return FatalError(message)
