@@ -227,31 +227,58 @@ async def stored_beyond_ack_floor(url: str, cfg: Any) -> int:
     return n
 
 
+async def ack_floor(nc: Any, cfg: Any) -> int:
+    """The consumer's ack floor; 0 while the router is (re)creating the consumer at start."""
+    try:
+        info = await nc.jsm().consumer_info(cfg.streams.events, cfg.router.consumer)
+    except nats.js.errors.NotFoundError:
+        return 0
+    return int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+
+
+async def freeze_mid_backlog(url: str, cfg: Any, rp: Any, floor: int, timeout: float = 20.0) -> None:
+    """SIGSTOP the router the moment the consumer's ack floor first moves past `floor`: it has begun
+    acknowledging the backlog, so effects of the events after that ack are in flight. Polling the
+    floor rather than sleeping a guessed time keeps the freeze inside the backlog on a fast machine
+    as on a slow one."""
+    nc = await nats.connect(url)
+    try:
+        with anyio.fail_after(timeout):
+            while await ack_floor(nc, cfg) <= floor:
+                assert rp.running, f"router exited:\n{rp.tail()}"
+                await anyio.sleep(0.002)
+        rp.stop_signal()
+    finally:
+        await nc.close()
+
+
 async def test_stored_but_unacknowledged_effects_are_not_repeated_after_the_window(
     nats_server: Any, tmp_path: Path
 ) -> None:
     """The router dies after JetStream stored some effects but before it acknowledged their events, and
     stays down past the duplicate window: the restart must not publish those effects again.
 
-    SIGSTOP freezes the router while it works through a backlog heavy with dead letters, so
-    PubAcks and acks are left unprocessed; the test goes on until such a freeze left stored
-    effects above the consumer's ack floor (checked), then SIGKILLs, waits out the window
-    and restarts.
+    SIGSTOP freezes the router as soon as it starts acknowledging a backlog heavy with dead letters,
+    so PubAcks and acks are left unprocessed; the test goes on until such a freeze left stored
+    effects above the consumer's ack floor (checked), then SIGKILLs, waits out the window and
+    restarts.
     """
-    rng = random.Random(8)
     cfg = write_config(tmp_path / "config.toml", nats_server.url, streams={"duplicate_window": "1s"})
     exposed = 0
     with router_process(tmp_path / "config.toml") as rp:
         await wait_healthy(nats_server.url, rp)
         try:
-            for attempt in range(16):  # on a loaded machine a freeze may miss the window: try again
+            for attempt in range(8):
                 rp.kill()
-                batch = future_workload(seed=100 + attempt, count=6000, bad_share=0.3)
-                await Publisher(nats_server.url, batch).run(6000, 0)
+                nc = await nats.connect(nats_server.url)
+                try:
+                    floor = await ack_floor(nc, cfg)
+                finally:
+                    await nc.close()
+                batch = future_workload(seed=100 + attempt, count=12000, bad_share=0.3)
+                await Publisher(nats_server.url, batch).run(12000, 0)
                 rp.start()
-                await wait_healthy(nats_server.url, rp)
-                await anyio.sleep(rng.uniform(0.05, 0.6))
-                rp.stop_signal()
+                await freeze_mid_backlog(nats_server.url, cfg, rp, floor)
                 await anyio.sleep(0.3)  # what was sent before the freeze is stored meanwhile
                 found = await stored_beyond_ack_floor(nats_server.url, cfg)
                 rp.kill()
