@@ -236,14 +236,14 @@ async def ack_floor(nc: Any, cfg: Any) -> int:
     return int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
 
 
-async def freeze_mid_backlog(url: str, cfg: Any, rp: Any, floor: int, timeout: float = 20.0) -> None:
+async def freeze_mid_backlog(url: str, cfg: Any, rp: Any, floor: int) -> None:
     """SIGSTOP the router the moment the consumer's ack floor first moves past `floor`: it has begun
     acknowledging the backlog, so effects of the events after that ack are in flight. Polling the
     floor rather than sleeping a guessed time keeps the freeze inside the backlog on a fast machine
     as on a slow one."""
     nc = await nats.connect(url)
     try:
-        with anyio.fail_after(timeout):
+        with anyio.fail_after(20):
             while await ack_floor(nc, cfg) <= floor:
                 assert rp.running, f"router exited:\n{rp.tail()}"
                 await anyio.sleep(0.002)
