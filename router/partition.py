@@ -63,6 +63,9 @@ FIRE_CHUNK = 1000
 # Queued by on_disconnected: what follows it in the queue came over a new connection.
 _FENCE: Final[tuple[bytes, bytes, bytes, dict[str, str] | None]] = (b"", b"", b"", {})
 
+# The longest the snapshot's row building runs before the loop gets a turn.
+_SLICE_S: Final = 0.0003
+
 
 class _Entry:
     """A delivered message with effects, until they are all confirmed. `prev_*` name the message
@@ -805,6 +808,7 @@ class Partition:
             resident = self.resident
             n = 0
             top = applied  # the highest sequence any stored state holds
+            slice_end = time.perf_counter() + _SLICE_S
             for k in keys:
                 st = resident.get(k)
                 if st is None:
@@ -813,8 +817,11 @@ class Partition:
                 if st.seq > top:
                     top = st.seq
                 n += 1
-                if n % 1000 == 0:  # keep each slice of the loop short (latency)
+                if not n & 63 and time.perf_counter() >= slice_end:
+                    # Short slices: an event's way through the router takes several turns of the
+                    # loop, and each turn waits for the slice running then.
                     await anyio.lowlevel.checkpoint()
+                    slice_end = time.perf_counter() + _SLICE_S
             # Stored states must not run ahead of confirmed effects: a restart resumes after
             # `applied` (and skips what a stored state already holds), so an effect of an event
             # they include that was not yet stored would be lost for good (NATS away, a
@@ -831,6 +838,9 @@ class Partition:
                     applied_seq=applied,
                     ms=round((time.monotonic() - started) * 1000, 1),
                 )
+            while len(rows) > 256:  # freeing 100k records at once would hold up the loop for ~20 ms
+                del rows[-256:]
+                await anyio.lowlevel.checkpoint()
         except BaseException:
             self.dirty |= keys  # not written: keep them dirty
             self._far.update(self._far_writing)  # and their far timers in view
