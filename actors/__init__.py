@@ -24,6 +24,8 @@ from actors.sku import SkuState
 State = SkuState | ShipmentState | CampaignState
 
 ACTORS: Final[dict[str, ModuleType]] = {"sku": sku, "shipment": shipment, "campaign": campaign}
+# Kinds whose actors can hold timers; the others' `timers` is always empty.
+TIMED_KINDS: Final = frozenset(kind for kind, mod in ACTORS.items() if mod.KEEPS_TIMERS)
 STATE_TYPES: Final[dict[str, type[State]]] = {
     "sku": SkuState,
     "shipment": ShipmentState,
@@ -33,6 +35,7 @@ STATE_TYPES: Final[dict[str, type[State]]] = {
 __all__ = [
     "ACTORS",
     "STATE_TYPES",
+    "TIMED_KINDS",
     "ActorError",
     "Alert",
     "CampaignState",

@@ -172,6 +172,10 @@ def fire(state: CampaignState, name: str, deadline_us: int, th: Thresholds) -> l
     return []
 
 
+# Whether `timers` can ever return a deadline: a snapshot skips the timer rows of kinds that keep none.
+KEEPS_TIMERS: Final = False
+
+
 def timers(state: CampaignState) -> dict[str, int]:
     return {}
 

@@ -94,6 +94,10 @@ def _stall_deadline(state: ShipmentState, th: Thresholds) -> int | None:
     return None
 
 
+# Whether `timers` can ever return a deadline: a snapshot skips the timer rows of kinds that keep none.
+KEEPS_TIMERS: Final = True
+
+
 def timers(state: ShipmentState) -> dict[str, int]:
     """The deadlines the state currently wants: name -> deadline_us."""
     out: dict[str, int] = {}

@@ -231,6 +231,10 @@ def fire(state: SkuState, name: str, deadline_us: int, th: Thresholds) -> list[E
     return []
 
 
+# Whether `timers` can ever return a deadline: a snapshot skips the timer rows of kinds that keep none.
+KEEPS_TIMERS: Final = False
+
+
 def timers(state: SkuState) -> dict[str, int]:
     return {}
 

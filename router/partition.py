@@ -806,6 +806,7 @@ class Partition:
         try:
             rows = []
             resident = self.resident
+            timer_fns = _TIMERS
             n = 0
             top = applied  # the highest sequence any stored state holds
             slice_end = time.perf_counter() + _SLICE_S
@@ -813,7 +814,10 @@ class Partition:
                 st = resident.get(k)
                 if st is None:
                     continue
-                rows.append(ActorRecord(k[0], k[1], st.seq, actors.encode_state(st), actors.ACTORS[k[0]].timers(st)))
+                timers = timer_fns[k[0]]
+                rows.append(
+                    ActorRecord(k[0], k[1], st.seq, actors.encode_state(st), timers(st) if timers is not None else None)
+                )
                 if st.seq > top:
                     top = st.seq
                 n += 1
@@ -1042,6 +1046,8 @@ def _apply_fns() -> dict[str, Callable[..., Any]]:
 
 _APPLY: Final = _apply_fns()
 _NEW: Final = {kind: mod.new for kind, mod in actors.ACTORS.items()}
+# A snapshot asks only the kinds that keep timers for them (see ActorRecord.timers).
+_TIMERS: Final = {kind: mod.timers if kind in actors.TIMED_KINDS else None for kind, mod in actors.ACTORS.items()}
 
 
 def _reply_ts_ns(reply: bytes) -> int:

@@ -62,7 +62,9 @@ class ActorRecord(msgspec.Struct, frozen=True, gc=False):
     key: str
     last_seq: int
     state: bytes
-    timers: Mapping[str, int] = NO_TIMERS  # name -> deadline in epoch microseconds
+    # Name -> deadline in epoch microseconds; they replace the actor's stored timers. None: the
+    # actor's kind keeps no timers, so it has no timer rows to replace (a snapshot skips them).
+    timers: Mapping[str, int] | None = NO_TIMERS
 
 
 class PartitionMarks(NamedTuple):
@@ -311,7 +313,8 @@ class Store:
         """Write one actor and replace its timers (after a timer firing is confirmed); marks unchanged."""
         kind, key = actor.kind, actor.key
         async with self._transaction("write_actor") as db:
-            await db.execute(_DELETE_TIMERS, (kind, key))
+            if actor.timers is not None:
+                await db.execute(_DELETE_TIMERS, (kind, key))
             await db.execute(_PUT_ACTOR, (kind, key, partition, actor.last_seq, actor.state))
             if actor.timers:
                 await db.executemany(
@@ -490,7 +493,7 @@ class Store:
 async def _put_actors(db: aiosqlite.Connection, partition: int, rows: Sequence[ActorRecord]) -> None:
     # Generators: the rows are built in the SQLite thread as executemany consumes them,
     # and sqlite3 releases the GIL while each statement steps, so the event loop keeps running.
-    await db.executemany(_DELETE_TIMERS, ((r.kind, r.key) for r in rows))
+    await db.executemany(_DELETE_TIMERS, ((r.kind, r.key) for r in rows if r.timers is not None))
     await db.executemany(_PUT_ACTOR, ((r.kind, r.key, partition, r.last_seq, r.state) for r in rows))
     await db.executemany(
         _PUT_TIMER,

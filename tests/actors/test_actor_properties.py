@@ -218,6 +218,25 @@ def test_alerts_alternate_and_agree_with_raised_and_timers(case: tuple[str, list
         assert actors.timers(kind, state) == wanted
 
 
+@SETTINGS
+@given(KIND_ACTIONS)
+def test_only_timed_kinds_ever_want_timers(case: tuple[str, list[Any], Thresholds]) -> None:
+    """Snapshots skip the timer rows of kinds outside TIMED_KINDS: they must never want one."""
+    kind, acts, th = case
+    state: Any = None
+    for i, act in enumerate(acts, 1):
+        if act[0] != "event":
+            continue
+        state, effects = actors.step(kind, state, "K-1", i, act[1], act[2], th)
+        if kind not in actors.TIMED_KINDS:
+            assert actors.timers(kind, state) == {}
+            assert not any(isinstance(e, SetTimer) for e in effects)
+
+
+def test_timed_kinds() -> None:
+    assert actors.TIMED_KINDS == {"shipment"}
+
+
 # --- models: the incremental state equals a naive recomputation from the history ----------
 
 

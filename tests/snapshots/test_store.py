@@ -98,6 +98,18 @@ async def test_writing_an_actor_replaces_its_timers(store: Store) -> None:
     assert await store.load_actor("sku", "B") == (5, b"sku:B@5")
 
 
+async def test_a_record_of_a_kind_without_timers_leaves_timer_rows_alone(store: Store) -> None:
+    """timers=None (the kind keeps none) skips the timer rows; {} replaces them with none."""
+    await store.write_snapshot(0, [rec("A", 1, {"a": 10}), rec("B", 1, {"b": 20})], applied_seq=1)
+    await store.write_snapshot(0, [ActorRecord("sku", "A", 2, b"a2", None)], applied_seq=2)
+    await store.write_actor(0, ActorRecord("sku", "B", 2, b"b2", None))
+    assert await store.due_timers(0, 100) == [DueTimer(10, "sku", "A", "a"), DueTimer(20, "sku", "B", "b")]
+    assert await store.load_actor("sku", "A") == (2, b"a2")
+    assert await store.load_actor("sku", "B") == (2, b"b2")
+    await store.write_snapshot(0, [ActorRecord("sku", "A", 3, b"a3", {})], applied_seq=3)
+    assert await store.due_timers(0, 100) == [DueTimer(20, "sku", "B", "b")]
+
+
 async def test_due_timers_order_limit_and_partition(store: Store) -> None:
     await store.write_snapshot(
         0,
