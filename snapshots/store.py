@@ -123,6 +123,9 @@ _PUT_EFFECTS: Final = (
 )
 # Answered from the covering index timers_due (partition, deadline_us, kind, key, name):
 # the cost depends on the rows returned, not on how many timers lie further ahead.
+# How much of the store the read connection maps (address space, not memory; see _configure).
+READ_MMAP_BYTES: Final = 256 * 1024 * 1024
+
 DUE_TIMERS_SQL: Final = (
     "SELECT deadline_us, kind, key, name FROM timers"
     " WHERE partition = ? AND deadline_us <= ?"
@@ -520,6 +523,11 @@ async def _configure(
     await db.execute("PRAGMA temp_store = MEMORY")
     if reader:
         await db.execute("PRAGMA query_only = ON")
+        # Actor loads read pages at random all over a large store: mapped, they are read from the
+        # OS page cache without a system call each (restart catch-up with 1M actors stored, 3 runs
+        # of scripts/bench: 0.66x -> 0.73x the baseline). The writer reads through its own cache,
+        # so the pages a snapshot touches do not add to the process's resident memory.
+        await db.execute(f"PRAGMA mmap_size = {READ_MMAP_BYTES}")
         return
     ((mode,),) = await db.execute_fetchall("PRAGMA journal_mode = WAL")
     if mode != "wal":
