@@ -554,6 +554,8 @@ class Bench:
             name = f"catch-up {n // 1000}k, realistic mix"
             res.define(scen, name, "events/s", ">= 0.75x baseline", lambda r, b, x: x is not None and x >= 0.75)
         cpu = "CPU per event (all threads)"
+        with_startup = f"{name}, counting the router's start-up"
+        res.define(scen, with_startup, "events/s")
         res.define(scen, cpu, "us")
         res.define(scen, "exceptions per 100 events", "%")
         msgs = list(alert_heavy(n, **s.mix) if alert else brand_day(n, **s.mix))
@@ -571,6 +573,7 @@ class Bench:
                     else:
                         rate, router_cpu, stats = await self._router_catchup(d, srv.url, n)
                 res.add(scen, name, rate, base)
+                res.add(scen, with_startup, stats.get("rate_with_startup"), base)
                 res.add(scen, cpu, router_cpu / n * 1e6, base_cpu / n * 1e6)
                 res.add(scen, "exceptions per 100 events", 100 * (stats.get("exceptions") or 0) / n)
                 progress(f"{scen} run {run + 1}/{s.runs}: router {rate:,.0f} events/s, baseline {base:,.0f} events/s, "
@@ -578,7 +581,7 @@ class Bench:
                          f"{base_cpu / n * 1e6:.1f} us; {stats.get('exceptions')} exceptions")
 
     async def _router_catchup(self, d: Path, url: str, n: int) -> tuple[float, float, dict[str, Any]]:
-        """(events/s, CPU seconds, stats) from serve() starting to event `n` applied."""
+        """(events/s from serving to event `n` applied, CPU seconds from serve() starting, stats)."""
         child, serving = await start_router(d, write_config(d, url), marks=[n])
         try:
             reached = await child.call(max(120, n / 2_000), cmd="wait", seq=n)
@@ -587,7 +590,11 @@ class Bench:
             stats = await child.call(cmd="stats")
         finally:
             await child.stop()
-        return n / (reached["t"] - serving["t0"]), reached["cpu"] - serving["cpu0"], stats
+        # From serving: like the baseline's clock, which starts once its consumer exists. The time
+        # before (store, key filter, consumer) is reported apart, as start-up.
+        stats["startup_s"] = serving["t"] - serving["t0"]
+        stats["rate_with_startup"] = n / (reached["t"] - serving["t0"])
+        return n / (reached["t"] - serving["t"]), reached["cpu"] - serving["cpu0"], stats
 
     # -- latency ---------------------------------------------------------------------
 
@@ -648,6 +655,7 @@ class Bench:
             res.define("restart", "process start -> first new event applied", "s", "<= 2 s", lambda r, b, x: r <= 2.0)
             res.define("restart", f"catch-up {s.restart_events // 1000}k after restart, {n:,} stored", "events/s",
                        ">= 0.75x baseline", lambda r, b, x: x is not None and x >= 0.75)
+            res.define("restart", "the same, counting the router's start-up", "events/s")
         with nats_server() as srv:
             for run in range(s.runs):
                 await reset_streams(srv.url)
@@ -744,13 +752,15 @@ class Bench:
             await child.stop(120)
         ready_s = serving["t"] - child.spawned_at
         first_s = first - child.spawned_at
-        rate = (last - marker + 1) / (done - serving["t0"])
+        rate = (last - marker + 1) / (done - serving["t"])  # from serving, as in catch-up
+        rate_all = (last - marker + 1) / (done - serving["t0"])
         res.add("restart", "process start -> serving", ready_s)
         res.add("restart", "process start -> first new event applied", first_s)
         res.add("restart", f"catch-up {m // 1000}k after restart, {s.keys:,} stored", rate, baseline)
+        res.add("restart", "the same, counting the router's start-up", rate_all, baseline)
         progress(f"restart run {run + 1}/{s.runs}: serving after {ready_s:.2f}s, first new event applied after "
                  f"{first_s:.2f}s; catch-up {rate:,.0f} events/s vs baseline {baseline:,.0f} "
-                 f"(ratio {rate / baseline:.2f})")
+                 f"(ratio {rate / baseline:.2f}; {rate_all / baseline:.2f} counting start-up)")
 
     # -- snapshots under load --------------------------------------------------------
 
