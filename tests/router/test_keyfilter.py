@@ -28,7 +28,9 @@ def test_a_dump_loads_into_a_new_filter_only_when_it_fits() -> None:
     f.add(("shipment", "S-1"))
     g = KeyFilter(capacity=1000)
     assert g.load(f.dump())
-    assert g.ready and ("shipment", "S-1") in g and g.count == 1
+    assert g.ready
+    assert ("shipment", "S-1") in g
+    assert g.count == 1
     assert not KeyFilter(capacity=100_000).load(f.dump())
     assert not KeyFilter(capacity=1000).load(b"garbage")
 

@@ -66,11 +66,14 @@ async def test_stockout_reaches_campaign_and_state(nats_server: Any, tmp_path: P
     stockout = next(e for e in exceptions if e["rule"] == "stockout")
     assert stockout["id"] == f"sku:SKU-1:stockout:BLR-DS-4:raised:{stockout['seq']}"
     assert stockout["severity"] == "critical"
-    assert stockout["value"] == 0 and stockout["threshold"] == 0
+    assert stockout["value"] == 0
+    assert stockout["threshold"] == 0
     assert stockout["event_ts"] == T0
     assert stockout["detected_at"].endswith("Z")
     promo = next(e for e in exceptions if e["rule"] == "promoting_out_of_stock")
-    assert promo["value"] == 1 and promo["threshold"] is None and promo["location"] is None
+    assert promo["value"] == 1
+    assert promo["threshold"] is None
+    assert promo["location"] is None
     assert len(exp.message_ids) >= 2  # campaign_linked, sku_out_of_stock
 
 

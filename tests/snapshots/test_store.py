@@ -1,7 +1,5 @@
 """The snapshot store: round trips, timer replacement, due timers, marks, transactions under concurrency."""
 
-# ruff: noqa: ASYNC240  (tests prepare and inspect files directly; nothing else runs on the loop)
-
 from __future__ import annotations
 
 import sqlite3

@@ -1,7 +1,5 @@
 """A store file that cannot be used is reported precisely, never silently replaced; quarantine moves it aside."""
 
-# ruff: noqa: ASYNC240  (tests prepare and inspect files directly; nothing else runs on the loop)
-
 from __future__ import annotations
 
 import random
