@@ -184,9 +184,14 @@ async def test_load_actors_in_chunks(store: Store, monkeypatch: pytest.MonkeyPat
 
 async def test_failed_write_commits_nothing(store: Store) -> None:
     await store.write_snapshot(0, [rec("A", 1, {"t": 1})], applied_seq=1)
-    bad = [rec("A", 2, {"t": 2}), rec("B", 2), ActorRecord("sku", "C", 2, None, {})]  # type: ignore[arg-type]
-    with pytest.raises(StoreError, match=r"write_snapshot failed: NOT NULL constraint failed: actors\.state"):
+    # Records beyond the first slice, so that a statement already ran when the bad one is met.
+    good = [rec(f"G{i}", 2, {"t": 2}) for i in range(store_module._WRITE_SLICE)]
+    bad = [rec("A", 2, {"t": 2}), *good, rec("B", 2), ActorRecord("sku", "C", 2, None, {})]  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
         await store.write_snapshot(0, bad, applied_seq=2)
+    no_kind = [*good, ActorRecord(None, "D", 2, b"d", {})]  # type: ignore[arg-type]
+    with pytest.raises(StoreError, match=r"write_snapshot failed: NOT NULL constraint failed: actors\.kind"):
+        await store.write_snapshot(0, no_kind, applied_seq=2)
     assert await store.marks(0) == PartitionMarks(1, 0)
     assert await store.load_actors([("sku", "A"), ("sku", "B")]) == {("sku", "A"): (1, b"sku:A@1")}
     assert await store.due_timers(0, 100) == [DueTimer(1, "sku", "A", "t")]
