@@ -585,8 +585,13 @@ class Bench:
         child, serving = await start_router(d, write_config(d, url), marks=[n])
         try:
             reached = await child.call(max(120, n / 2_000), cmd="wait", seq=n)
-            # The actor messages it appended after `n` (and their exceptions) too, for the count.
-            await child.call(60, cmd="wait", seq=await stream_last_seq(url))
+            # The actor messages it appended after `n` (and their exceptions) too, for the count:
+            # until the stream stops growing (the last ones may still be on their way when asked).
+            last = -1
+            while (now := await stream_last_seq(url)) != last:
+                last = now
+                await child.call(60, cmd="wait", seq=last)
+                await anyio.sleep(0.3)
             stats = await child.call(cmd="stats")
         finally:
             await child.stop()
