@@ -38,6 +38,7 @@ from typing import Final, Literal, NamedTuple, Self
 
 import aiosqlite
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import msgspec
 
@@ -116,7 +117,7 @@ _PUT_TIMER: Final = (
 _PUT_ACTORS: Final = (
     "INSERT INTO actors (kind, key, partition, last_seq, state)"
     " SELECT j.value->>0, j.value->>1, ?3, j.value->>2, substr(?2, j.value->>3, j.value->>4)"
-    " FROM json_each(?1) AS j WHERE true"
+    " FROM json_each(?1) AS j WHERE true ORDER BY 1, 2"
     " ON CONFLICT (kind, key) DO UPDATE SET partition = excluded.partition,"
     " last_seq = excluded.last_seq, state = excluded.state"
 )
@@ -129,9 +130,10 @@ _PUT_TIMERS: Final = (
     "INSERT OR REPLACE INTO timers (kind, key, name, deadline_us, partition)"
     " SELECT j.value->>0, j.value->>1, j.value->>2, j.value->>3, ?2 FROM json_each(?1) AS j"
 )
-# Actors per statement of a large write: each slice is built on the event loop (well under a
-# millisecond) and then runs in SQLite's thread as one statement.
-_WRITE_SLICE: Final = 500
+# Actors per statement of a large write (see _put_actors), and per slice of its building on
+# the event loop (well under a millisecond each).
+_STATEMENT_ROWS: Final = 20_000
+_BUILD_SLICE: Final = 500
 _JSON: Final = msgspec.json.Encoder()
 # effects_seq never goes back: a snapshot built before a later write_effects_mark must not undo it.
 _PUT_MARKS: Final = (
@@ -516,31 +518,51 @@ class Store:
 
 
 async def _put_actors(db: aiosqlite.Connection, partition: int, rows: Sequence[ActorRecord]) -> None:
-    # One statement per slice, its rows passed as a JSON index and one blob. executemany would
-    # take the GIL for every row it binds: while the event loop keeps its thread busy (catching
-    # up), each row then waits for a forced GIL switch, and 30,000 rows took 3.5-4.4 s instead
-    # of 0.13-0.16 s this way, interrupting the loop thousands of times a second meanwhile.
-    encode = _JSON.encode
-    for i in range(0, len(rows), _WRITE_SLICE):
-        part = rows[i : i + _WRITE_SLICE]
-        index = []
+    # Up to _STATEMENT_ROWS actors per statement, passed as a JSON index and one blob, and
+    # written in key order by SQLite. executemany would take the GIL for every row it binds:
+    # while the event loop keeps its thread busy (catching up), each row then waits for a
+    # forced GIL switch (30,000 rows: 3.5-4.4 s, against 0.13-0.16 s this way). In key order,
+    # 30,000 upserts into a store of 1M actors cost about 30% less CPU than in arbitrary order.
+    # The index is built on the event loop in slices, with a turn for other tasks after each.
+    for start in range(0, len(rows), _STATEMENT_ROWS):
+        chunk = rows[start : start + _STATEMENT_ROWS]
+        index: list[bytes] = []
+        blobs: list[bytes] = []
+        timed: list[bytes] = []
+        timers: list[bytes] = []
         offset = 1  # SQLite's substr counts from 1
-        for r in part:
-            n = len(r.state)
-            index.append((r.kind, r.key, r.last_seq, offset, n))
-            offset += n
-        await db.execute(_PUT_ACTORS, (encode(index), b"".join([r.state for r in part]), partition))
-        timed = [(r.kind, r.key) for r in part if r.timers is not None]
+        for i in range(0, len(chunk), _BUILD_SLICE):
+            part = chunk[i : i + _BUILD_SLICE]
+            entries = []
+            for r in part:
+                n = len(r.state)
+                entries.append((r.kind, r.key, r.last_seq, offset, n))
+                offset += n
+                blobs.append(r.state)
+            index.append(_JSON.encode(entries)[1:-1])
+            keyed = [(r.kind, r.key) for r in part if r.timers is not None]
+            if keyed:
+                timed.append(_JSON.encode(keyed)[1:-1])
+                wanted = [
+                    (r.kind, r.key, name, deadline)
+                    for r in part
+                    if r.timers
+                    for name, deadline in r.timers.items()
+                ]
+                if wanted:
+                    timers.append(_JSON.encode(wanted)[1:-1])
+            await anyio.lowlevel.checkpoint()
+        await db.execute(_PUT_ACTORS, (_json_array(index), b"".join(blobs), partition))
         if timed:
-            await db.execute(_DELETE_TIMERS_OF, (encode(timed),))
-            timers = [
-                (r.kind, r.key, name, deadline)
-                for r in part
-                if r.timers
-                for name, deadline in r.timers.items()
-            ]
-            if timers:
-                await db.execute(_PUT_TIMERS, (encode(timers), partition))
+            await db.execute(_DELETE_TIMERS_OF, (_json_array(timed),))
+        if timers:
+            await db.execute(_PUT_TIMERS, (_json_array(timers), partition))
+
+
+def _json_array(items: list[bytes]) -> str:
+    """The JSON array of the elements of several encoded arrays (each without its brackets), as
+    text: newer SQLite reads a BLOB argument to a JSON function as its binary JSONB."""
+    return (b"[" + b",".join(items) + b"]").decode()
 
 
 async def _configure(

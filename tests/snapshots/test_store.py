@@ -184,8 +184,8 @@ async def test_load_actors_in_chunks(store: Store, monkeypatch: pytest.MonkeyPat
 
 async def test_failed_write_commits_nothing(store: Store) -> None:
     await store.write_snapshot(0, [rec("A", 1, {"t": 1})], applied_seq=1)
-    # Records beyond the first slice, so that a statement already ran when the bad one is met.
-    good = [rec(f"G{i}", 2, {"t": 2}) for i in range(store_module._WRITE_SLICE)]
+    # Records beyond the first statement, so that one already ran when the bad record is met.
+    good = [rec(f"G{i}", 2, {"t": 2}) for i in range(store_module._STATEMENT_ROWS)]
     bad = [rec("A", 2, {"t": 2}), *good, rec("B", 2), ActorRecord("sku", "C", 2, None, {})]  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         await store.write_snapshot(0, bad, applied_seq=2)
