@@ -308,12 +308,7 @@ class EmbeddedServer:
                         await proc.wait()
                     if proc.returncode is None:
                         log.warning("embedded_server_killed", pid=self.pid, after_s=grace)
-                        with contextlib.suppress(ProcessLookupError):
-                            proc.kill()
-                        with anyio.move_on_after(5.0):
-                            await proc.wait()
-                with contextlib.suppress(Exception):
-                    await proc.aclose()
+                await _discard(proc)  # kills it if it outlived the grace period
             else:
                 await _terminate_pid(self.pid, grace)
             _remove_our_files(self.data_dir, self.url, self.pid)

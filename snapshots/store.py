@@ -102,17 +102,8 @@ class StoreStats(msgspec.Struct, frozen=True, kw_only=True):
 _SQLITE_CORRUPT: Final = 11
 _SQLITE_NOTADB: Final = 26
 
-_DELETE_TIMERS: Final = "DELETE FROM timers WHERE kind = ? AND key = ?"
-# An upsert updates the row in place (same rowid); REPLACE would delete it and insert a new one.
-_PUT_ACTOR: Final = (
-    "INSERT INTO actors (kind, key, partition, last_seq, state) VALUES (?, ?, ?, ?, ?)"
-    " ON CONFLICT (kind, key) DO UPDATE SET partition = excluded.partition,"
-    " last_seq = excluded.last_seq, state = excluded.state"
-)
-_PUT_TIMER: Final = (
-    "INSERT OR REPLACE INTO timers (kind, key, name, deadline_us, partition) VALUES (?, ?, ?, ?, ?)"
-)
-# The same for many actors in one statement (see _put_actors): ?1 is a JSON array of
+# Actors in one statement (see _put_actors); an upsert updates the row in place (same rowid),
+# where REPLACE would delete it and insert a new one. ?1 is a JSON array of
 # [kind, key, last_seq, offset, length], ?2 the states laid end to end, ?3 the partition.
 _PUT_ACTORS: Final = (
     "INSERT INTO actors (kind, key, partition, last_seq, state)"
@@ -338,16 +329,8 @@ class Store:
 
     async def write_actor(self, partition: int, actor: ActorRecord) -> None:
         """Write one actor and replace its timers (after a timer firing is confirmed); marks unchanged."""
-        kind, key = actor.kind, actor.key
         async with self._transaction("write_actor") as db:
-            if actor.timers is not None:
-                await db.execute(_DELETE_TIMERS, (kind, key))
-            await db.execute(_PUT_ACTOR, (kind, key, partition, actor.last_seq, actor.state))
-            if actor.timers:
-                await db.executemany(
-                    _PUT_TIMER,
-                    [(kind, key, name, deadline, partition) for name, deadline in actor.timers.items()],
-                )
+            await _put_actors(db, partition, [actor])
 
     async def write_actors(self, partition: int, actors: Iterable[ActorRecord]) -> None:
         """`write_actor` for many in one transaction; marks unchanged."""

@@ -21,10 +21,9 @@ from router.simulate import workload
 from tests.support.harness import publish_all
 from tests.support.procs import (
     RouterProcess,
-    assert_exactly_once,
-    check_all_states,
     router_process,
     settle_process,
+    settled_exactly_once,
     wait_healthy,
     write_config,
 )
@@ -59,9 +58,7 @@ def _events(rp: RouterProcess, name: str) -> list[dict[str, Any]]:
 async def _rebuilt_and_exactly_once(nats_server: Any, cfg: Any, rp: RouterProcess) -> None:
     rp.start()
     try:
-        await settle_process(nats_server.url, cfg, rp, timeout=60)
-        exp = await assert_exactly_once(nats_server.url, cfg)
-        await check_all_states(nats_server.url, exp)
+        await settled_exactly_once(nats_server.url, cfg, rp)
     except BaseException:
         print(rp.tail(40))
         raise

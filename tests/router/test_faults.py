@@ -29,6 +29,7 @@ from tests.support.procs import (
     health,
     router_process,
     settle_process,
+    settled_exactly_once,
     wait_healthy,
     write_config,
 )
@@ -181,9 +182,7 @@ async def test_down_longer_than_the_duplicate_window(nats_server: Any, tmp_path:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(pub.run, 300, 0.05)
                 tg.start_soon(chaos)
-            await settle_process(nats_server.url, cfg, rp, timeout=60)
-            exp = await assert_exactly_once(nats_server.url, cfg)
-            await check_all_states(nats_server.url, exp)
+            await settled_exactly_once(nats_server.url, cfg, rp)
         except BaseException:
             print(rp.tail(60))
             raise
@@ -287,9 +286,7 @@ async def test_stored_but_unacknowledged_effects_are_not_repeated_after_the_wind
                 if exposed and attempt >= 2:
                     break
             rp.start()
-            await settle_process(nats_server.url, cfg, rp, timeout=60)
-            exp = await assert_exactly_once(nats_server.url, cfg)
-            await check_all_states(nats_server.url, exp)
+            await settled_exactly_once(nats_server.url, cfg, rp)
         except BaseException:
             print(rp.tail(60))
             raise
@@ -333,9 +330,7 @@ async def test_effects_unconfirmed_at_a_crash_are_published_after_restart(
         rp.kill()
         rp.start()
         try:
-            await settle_process(nats_server.url, cfg, rp, timeout=60)
-            exp = await assert_exactly_once(nats_server.url, cfg)
-            await check_all_states(nats_server.url, exp)
+            exp = await settled_exactly_once(nats_server.url, cfg, rp)
         except BaseException:
             print(rp.tail(60))
             raise
@@ -389,9 +384,7 @@ async def test_connection_cut_mid_stream_loses_nothing(nats_server: Any, tmp_pat
                     await wait_healthy(nats_server.url, rp)  # connected (again) and answering
                     await anyio.sleep(rng.uniform(0.05, 0.4))
                     await proxy.cut()
-                await settle_process(nats_server.url, cfg, rp, timeout=60)
-                exp = await assert_exactly_once(nats_server.url, cfg)
-                await check_all_states(nats_server.url, exp)
+                await settled_exactly_once(nats_server.url, cfg, rp)
             except BaseException:
                 print(rp.tail(40))
                 raise
@@ -419,9 +412,7 @@ async def test_sigterm_while_nats_is_away_exits_within_the_timeout(nats_server: 
         assert took < 4.0, f"stopped after {took:.1f}s"
         rp.start()
         try:
-            await settle_process(nats_server.url, cfg, rp, timeout=60)
-            exp = await assert_exactly_once(nats_server.url, cfg)
-            await check_all_states(nats_server.url, exp)
+            await settled_exactly_once(nats_server.url, cfg, rp)
         except BaseException:
             print(rp.tail(40))
             raise

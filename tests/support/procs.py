@@ -240,6 +240,14 @@ async def settle_process(url: str, cfg: Config, rp: RouterProcess, timeout: floa
         await nc.close()
 
 
+async def settled_exactly_once(url: str, cfg: Config, rp: RouterProcess, timeout: float = 60.0) -> Expected:
+    """settle_process, then assert_exactly_once and check_all_states: what every crash test ends with."""
+    await settle_process(url, cfg, rp, timeout=timeout)
+    exp = await assert_exactly_once(url, cfg)
+    await check_all_states(url, exp)
+    return exp
+
+
 async def query_states(url: str, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Any]:
     """`router.state.<kind>.<key>` replies for many keys over one connection."""
     nc = await nats.connect(url)
