@@ -169,3 +169,39 @@ async def test_core_and_jetstream_publishes_and_msg_id_dedup(nats_server: Any, t
         await settle(nats_server.url, cfg, rt)
         state = await query_state(nats_server.url, "sku", "J")
         assert state["state"]["available"] == 8
+
+
+async def test_pongs_between_messages_lose_nothing(nats_server: Any, tmp_path: Path) -> None:
+    """A PONG (or the server's PING) lands between deliveries in the same socket read; what
+    follows it must still reach the partition (and the PubAcks the publisher), not nats-py's
+    own delivery. nats-py pings every two minutes; here the router's connection is flushed
+    (PING, then the server's PONG) every few milliseconds while it catches up."""
+    import anyio
+
+    from router.simulate import workload
+
+    cfg = make_config(nats_server.url, tmp_path)
+    async with running_router(cfg, frozen_clock) as rt:  # creates the streams
+        await settle(nats_server.url, cfg, rt)
+    msgs = list(workload(seed=11, count=20_000, bad_share=0.01, now_us=NOW_US))
+    await publish_all(nats_server.url, msgs)  # a backlog: deliveries come many to a read
+    flushes = 0
+    caught_up = anyio.Event()
+    async with running_router(cfg, frozen_clock) as rt:
+
+        async def ping() -> None:
+            nonlocal flushes
+            while not caught_up.is_set():
+                await rt.nc.flush(timeout=10)
+                flushes += 1
+                await anyio.sleep(0.002)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ping)
+            await settle(nats_server.url, cfg, rt)
+            caught_up.set()
+        exp = await check_against_fold(nats_server.url, cfg)
+        await check_states(nats_server.url, exp, sample=200)
+    assert flushes > 20, flushes
+    assert exp.exception_ids, "the workload raises exceptions"
+    assert exp.dead_letters, "the workload has bad input"

@@ -72,3 +72,46 @@ async def test_same_calls_as_nats_py_for_any_split(seed: int) -> None:
     assert got.calls == want.calls
     assert len(want.calls) > 150
     assert not fast.buf
+
+
+@pytest.mark.parametrize("seed", range(20))
+async def test_handled_messages_stay_in_wire_order_around_other_lines(seed: int) -> None:
+    """Messages for a handler reach it, in wire order with everything else, also when a PING,
+    PONG, +OK or INFO comes before them in the same read (nats-py's parser, given the rest of
+    such a read, would have handed them to the client instead)."""
+    rng = random.Random(seed)
+    data = wire(rng, 200)
+    want = Recorder()
+    await Parser(want).parse(data)
+    got = Recorder()
+
+    async def headers(raw: bytes) -> dict[str, str]:
+        return {"raw": raw.decode()}
+
+    got._process_headers = headers  # type: ignore[attr-defined]
+    fast = FastParser(got)
+
+    def handler(subject: bytes, reply: bytes, data: bytes, hdr: dict[str, str] | None) -> None:
+        got.calls.append(("handled", 1, subject, reply, data, hdr["raw"].encode() if hdr else None))
+
+    fast.handlers[1] = handler  # the HMSGs (sid 1) and a third of the MSGs
+    i = 0
+    while i < len(data):
+        j = i + rng.choice([3, 64, 500, 4096, 1 << 16])
+        await fast.parse(data[i:j])
+        i = j
+    assert got.calls == [("handled", *c[1:]) if c[0] == "msg" and c[1] == 1 else c for c in want.calls]
+    assert {c[0] for c in want.calls} >= {"msg", "ping", "pong"}
+    assert sum(1 for c in want.calls if c[0] == "msg" and c[1] == 1) > 50
+    assert not fast.buf
+
+
+async def test_a_message_after_a_pong_in_the_same_read_reaches_its_handler() -> None:
+    got: list[bytes] = []
+    rec = Recorder()
+    fast = FastParser(rec)
+    fast.handlers[5] = lambda subject, reply, data, hdr: got.append(data)
+    await fast.parse(b"PONG\r\nMSG a.b 5 r.1 3\r\nabc\r\nPING\r\nMSG a.c 5 3\r\nxyz\r\nMSG a.d 5 r")
+    await fast.parse(b".3 2\r\nqq\r\n")
+    assert got == [b"abc", b"xyz", b"qq"]
+    assert rec.calls == [("pong",), ("ping",)]
