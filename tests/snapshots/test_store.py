@@ -170,7 +170,7 @@ async def test_effects_mark_never_moves_back(store: Store) -> None:
 
 
 async def test_load_actors_in_chunks(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store_module, "_IN_CHUNK", 3)
+    monkeypatch.setattr(store_module, "_LOAD_ROWS", 3)
     await store.write_snapshot(
         0, [rec(f"K{i}", i) for i in range(10)] + [rec("K1", 1, kind="campaign")], applied_seq=10
     )
@@ -180,6 +180,15 @@ async def test_load_actors_in_chunks(store: Store, monkeypatch: pytest.MonkeyPat
         ("campaign", "K1"): (1, b"campaign:K1@1")
     }
     assert await store.load_actors([]) == {}
+
+
+async def test_load_actors_returns_any_state_bytes_intact(store: Store) -> None:
+    # One query returns the states laid end to end: bytes that are not UTF-8, NULs, empty states.
+    states = [b"", b"\x00", b"\xff\xfe\x00\x80", bytes(range(256)), b"\xc3\x28" * 1000, b"plain"]
+    records = [ActorRecord("sku", f"B{i}", i + 1, st, None) for i, st in enumerate(states)]
+    await store.write_snapshot(0, records, applied_seq=len(states))
+    loaded = await store.load_actors([("sku", f"B{i}") for i in range(len(states) + 2)])
+    assert loaded == {("sku", f"B{i}"): (i + 1, st) for i, st in enumerate(states)}
 
 
 async def test_failed_write_commits_nothing(store: Store) -> None:
