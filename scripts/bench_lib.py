@@ -513,7 +513,7 @@ class _Watch:
     def __init__(self, part: Any, marks: list[int]) -> None:
         self.p = part
         self.pending = sorted(set(marks))
-        self.reached: dict[int, tuple[float, float]] = {}  # seq -> (monotonic, process CPU seconds)
+        self.reached: dict[int, tuple[float, float, float]] = {}  # seq -> (monotonic, process CPU s, loop thread CPU s)
         self.monitor = False
         self.snapshots: list[dict[str, Any]] = []  # {"start", "end", "actors", "max_lag_ms"}
         self.max_lag = 0.0
@@ -527,7 +527,7 @@ class _Watch:
             now = time.monotonic()
             applied = self.p.applied_seq
             while self.pending and applied >= self.pending[0]:
-                self.reached[self.pending.pop(0)] = (now, time.process_time())
+                self.reached[self.pending.pop(0)] = (now, time.process_time(), time.thread_time())
             if self.monitor:
                 running = self._running()
                 if running and current is None:
@@ -547,7 +547,7 @@ class _Watch:
                 if current is not None:
                     current["max_lag_ms"] = max(current["max_lag_ms"], round(lag * 1000, 2))
 
-    async def wait(self, seq: int, within: float) -> tuple[float, float] | None:
+    async def wait(self, seq: int, within: float) -> tuple[float, float, float] | None:
         if seq not in self.reached and seq not in self.pending:
             self.pending = sorted({*self.pending, seq})
         with anyio.move_on_after(within):
@@ -663,7 +663,7 @@ def host(cfg_path: str, marks: list[int], trace_stalls_ms: float = 0) -> int:
                     if got is None:
                         emit(error="timeout", stats=_stats(rt, watch))
                     else:
-                        emit(t=got[0], cpu=got[1])
+                        emit(t=got[0], cpu=got[1], loop_cpu=got[2])
                 elif op == "stats":
                     emit(**_stats(rt, watch))
                 elif op == "settle":
@@ -690,10 +690,10 @@ def host(cfg_path: str, marks: list[int], trace_stalls_ms: float = 0) -> int:
             tg.start_soon(watch.run)
             if trace_stalls_ms:
                 tg.start_soon(StallTracer(trace_stalls_ms).ticker)
-            t0, cpu0 = time.monotonic(), time.process_time()
+            t0, cpu0, loop_cpu0 = time.monotonic(), time.process_time(), time.thread_time()
             await tg.start(run_serve)
             task_status.started()
-            emit(event="serving", t0=t0, cpu0=cpu0, t=time.monotonic(), applied_seq=p.applied_seq,
+            emit(event="serving", t0=t0, cpu0=cpu0, loop_cpu0=loop_cpu0, t=time.monotonic(), applied_seq=p.applied_seq,
                  rss_kib=proc_status_kib())
             tg.start_soon(commands)
             await served.wait()
