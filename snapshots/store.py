@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import sys
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -571,8 +572,35 @@ async def _configure(
             f"snapshot store {path}: SQLite WAL mode is not available here (journal_mode={mode})"
         )
     await db.execute(f"PRAGMA synchronous = {synchronous}")
+    await _lower_writer_priority(db)
     # After a checkpoint, shrink a log that a large snapshot grew.
     await db.execute("PRAGMA journal_size_limit = 67108864")
+
+
+# The writer's thread runs at this niceness: snapshot writes are background work, and with
+# the event loop and nats-server on the same cores they should give way to both. Measured
+# with scripts/bench (snapshot scenario, 2 x 3 runs each way): the longest event-loop stall
+# while 100k actors were written went from 4.9-8.4 ms to 4.1-5.0 ms, the exception p99
+# meanwhile from medians of 9.8 / 10.8 ms to 9.0 / 9.8 ms.
+WRITER_NICENESS: Final = 10
+
+
+async def _lower_writer_priority(db: aiosqlite.Connection) -> None:
+    """Lower the priority of the writer connection's own thread (Linux only: elsewhere
+    setpriority would apply to the whole process)."""
+    if sys.platform != "linux":
+        return
+
+    def lower() -> int:
+        try:  # PRIO_PROCESS with who=0: on Linux, the calling thread alone
+            os.setpriority(os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0), WRITER_NICENESS))
+        except OSError:
+            return 0
+        return 1
+
+    # A function SQLite calls is run in the connection's thread, where the statement runs.
+    await db.create_function("ops_router_lower_priority", 0, lower)
+    await db.execute("SELECT ops_router_lower_priority()")
 
 
 async def _verify_schema(db: aiosqlite.Connection, path: Path) -> None:

@@ -324,3 +324,30 @@ async def test_bad_synchronous_is_a_usage_error(db_path: Path) -> None:
     with pytest.raises(ValueError, match="synchronous must be one of OFF, NORMAL, FULL"):
         await Store.open(db_path, synchronous="SOMETIMES")  # type: ignore[arg-type]
     assert not db_path.exists()
+
+
+def _thread_niceness() -> dict[int, int]:
+    """{thread id: niceness} of this process's threads (field 19 of /proc/self/task/<tid>/stat)."""
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        stat = (task / "stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        out[int(task.name)] = int(fields[16])
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="Linux only")
+async def test_only_the_writer_thread_runs_at_lower_priority(db_path: Path) -> None:
+    import os
+    import threading
+
+    before = _thread_niceness()
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    async with await Store.open(db_path):
+        now = _thread_niceness()
+        added = {tid: nice for tid, nice in now.items() if tid not in before}
+        lowered = max(own, store_module.WRITER_NICENESS)
+        # The writer's thread; the reader's (and any worker thread the opening used) keep ours.
+        assert sorted(added.values()) == [own] * (len(added) - 1) + [lowered]
+        assert len(added) >= 2
+        assert now[threading.get_native_id()] == own  # the event loop's thread is untouched
