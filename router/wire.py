@@ -17,7 +17,8 @@ import re
 from collections.abc import Callable
 from typing import Any, Final
 
-from nats.protocol.parser import AWAITING_CONTROL_LINE, MAX_CONTROL_LINE_SIZE, Parser
+from nats.errors import ProtocolError
+from nats.protocol.parser import AWAITING_CONTROL_LINE, Parser
 
 _CRLF: Final = b"\r\n"
 # MSG <subject> <sid> [reply] <bytes> and HMSG <subject> <sid> [reply] <header bytes> <total
@@ -45,7 +46,7 @@ class FastParser(Parser):
         # Each read is walked as one immutable bytes object: a control line is one regex match,
         # and subject, reply and payload are single-copy slices of it. What is left of an
         # incomplete frame waits in self.buf for the next read.
-        if self.state != AWAITING_CONTROL_LINE:  # (only after nats-py's parser took a long line)
+        if self.state != AWAITING_CONTROL_LINE:  # never: nats-py's parser only gets lines without payload
             await Parser.parse(self, data)
             return
         buf = self.buf
@@ -71,31 +72,33 @@ class FastParser(Parser):
                 hdr = data[start : start + int(hsize)]
                 start += len(hdr)
             else:
-                line_end = data.find(_CRLF, pos, pos + MAX_CONTROL_LINE_SIZE)
+                # One line without a payload (PING, PONG, +OK, -ERR, INFO of any length): nats-py's
+                # parser takes that line alone. Given the rest of the read too, it would hand
+                # the messages after it to the client, not to their handlers.
+                line_end = data.find(_CRLF, pos)
                 if line_end < 0:
-                    if n - pos < MAX_CONTROL_LINE_SIZE:
-                        break  # the rest of the line is still to come
-                    buf.extend(data[pos:])
-                    await Parser.parse(self)  # what nats-py does with an overlong line
-                    return
-                # One line without a payload (PING, PONG, +OK, -ERR, INFO) or one nats-py
-                # refuses: its own parser takes that line alone. Given the rest of the read too,
-                # it would hand the messages after it to the client, not to their handlers.
+                    break  # the rest of the line is still to come
                 buf.extend(data[pos : line_end + 2])
                 pos = line_end + 2
                 await Parser.parse(self)
                 if self.buf is not buf:
                     return  # the client reset the parser (reconnect): this read is gone
+                if buf:  # a line nats-py's parser neither took nor refused (a long unknown one)
+                    raise ProtocolError("nats: unknown protocol")
                 continue
             if end + 2 > n:
                 break  # the payload is still to come
             pos = end + 2
+            try:
+                sid_n = int(sid)
+            except ValueError:  # nats-py's own pattern takes any word for the sid
+                raise ProtocolError("nats: malformed MSG") from None
             payload = data[start:end]
-            handler = handlers.get(int(sid))
+            handler = handlers.get(sid_n)
             if handler is not None:
                 handler(subject, reply or b"", payload, await self.nc._process_headers(hdr) if hdr else None)
                 continue
-            await self.nc._process_msg(int(sid), subject, reply or b"", payload, hdr)
+            await self.nc._process_msg(sid_n, subject, reply or b"", payload, hdr)
             if self.buf is not buf:
                 return  # the client reset the parser (reconnect): this read is gone
         if pos < n:

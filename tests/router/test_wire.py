@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Any
 
 import pytest
+from nats.errors import ProtocolError
 from nats.protocol.parser import Parser
 
 from router.wire import FastParser
@@ -115,3 +117,29 @@ async def test_a_message_after_a_pong_in_the_same_read_reaches_its_handler() -> 
     await fast.parse(b".3 2\r\nqq\r\n")
     assert got == [b"abc", b"xyz", b"qq"]
     assert rec.calls == [("pong",), ("ping",)]
+
+
+async def test_a_long_info_line_is_read_whole_and_the_messages_after_it_reach_their_handler() -> None:
+    # A server's INFO (cluster URLs) may pass nats-py's 4 KiB control-line size: nats-py reads
+    # it whole, and so must this parser, without taking the messages after it along.
+    info = {"server_id": "S", "connect_urls": [f"10.0.{i // 250}.{i % 250}:4222" for i in range(400)]}
+    line = b"INFO " + json.dumps(info).encode() + b"\r\n"
+    assert len(line) > 4096
+    got: list[bytes] = []
+    rec = Recorder()
+    fast = FastParser(rec)
+    fast.handlers[5] = lambda subject, reply, data, hdr: got.append(data)
+    data = line + b"MSG a.b 5 r.1 3\r\nabc\r\n"
+    for i in range(0, len(data), 1000):  # the line arrives in pieces
+        await fast.parse(data[i : i + 1000])
+    assert rec.calls == [("info", info)]
+    assert got == [b"abc"]
+    assert not fast.buf
+
+
+async def test_an_unknown_line_is_a_protocol_error() -> None:
+    fast = FastParser(Recorder())
+    with pytest.raises(ProtocolError):
+        await fast.parse(b"PING\r\nBOGUS " + b"x" * 5000 + b"\r\nMSG a.b 5 1\r\nx\r\n")
+    with pytest.raises(ProtocolError):
+        await FastParser(Recorder()).parse(b"MSG a.b five 3\r\nabc\r\n")
