@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Final
 
 import structlog
 from nats.js import api
@@ -11,6 +11,7 @@ from nats.js.errors import NotFoundError
 from nats.js.manager import JetStreamManager
 
 from contracts.config import Config, duration_us
+from contracts.events import KINDS
 
 log = structlog.get_logger()
 
@@ -29,11 +30,23 @@ def partition_of(key: str, partitions: int) -> int:
     return h % partitions
 
 
-def events_filter(cfg: Config, partition: int) -> str:
-    """The consumer filter of one partition."""
+# With more than one partition, the stream's transform maps `events.<kind>.<key>` (exactly
+# two tokens) to `events.<partition>.<kind>.<key>`; a subject of any other shape is stored as
+# published. Partition 0 also takes the ones that cannot be an event, so that they are
+# dead-lettered as bad_subject: one token, or a kind followed by other than one key token.
+# (A consumer's filters may not overlap, and none can say "a first token that is not a
+# partition number": `events.pallet.a.b` or `events.99.sku.K` with fewer partitions are
+# stored but taken by no partition.)
+STRAY_FILTERS: Final = ("events.*", *(f"events.{kind}.>" for kind in KINDS))
+
+
+def events_filters(cfg: Config, partition: int) -> list[str]:
+    """The consumer filters of one partition."""
     if cfg.router.partitions <= 1:
-        return "events.>"
-    return f"events.{partition}.>"
+        return ["events.>"]
+    if partition == 0:
+        return ["events.0.>", *STRAY_FILTERS]
+    return [f"events.{partition}.>"]
 
 
 def consumer_name(cfg: Config, partition: int) -> str:
@@ -119,7 +132,7 @@ async def position_consumer(
         ack_policy=api.AckPolicy.ALL,
         deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
         opt_start_seq=max(1, start_seq),
-        filter_subject=events_filter(cfg, partition),
+        filter_subjects=events_filters(cfg, partition),
         max_ack_pending=cfg.router.max_ack_pending,
         ack_wait=60.0,
         max_waiting=64,

@@ -124,7 +124,12 @@ async def check_against_fold(url: str, cfg: Config, rt: Runtime | None = None) -
     dead = await read_stream(url, cfg.streams.deadletter)
     got_dead = Counter(int(m.headers["Router-Seq"]) for m in dead)
     assert all(n == 1 for n in got_dead.values()), f"dead letters repeated: {got_dead.most_common(3)}"
-    assert {int(m.headers["Router-Seq"]): m.headers["Router-Error"] for m in dead} == exp.dead_letters
+    got_reasons = {int(m.headers["Router-Seq"]): m.headers["Router-Error"] for m in dead}
+    assert got_reasons == exp.dead_letters, (
+        f"dead letters: missing {sorted(set(exp.dead_letters) - set(got_reasons))[:5]}, "
+        f"extra {sorted(set(got_reasons) - set(exp.dead_letters))[:5]}, different reason "
+        f"{[(s, got_reasons[s], r) for s, r in exp.dead_letters.items() if got_reasons.get(s, r) != r][:5]}"
+    )
     by_seq = {m.seq: m for m in events}
     for m in dead:
         orig = by_seq[int(m.headers["Router-Seq"])]
