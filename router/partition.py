@@ -10,8 +10,6 @@ earlier message is confirmed by JetStream.
 from __future__ import annotations
 
 import contextlib
-import functools
-import heapq
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -35,12 +33,13 @@ from contracts.decode import (
     subject_kind_token,
 )
 from contracts.events import DECODERS, encode_event
-from contracts.exceptions import ExceptionEvent, exception_id, exception_subject, timer_cause
+from contracts.exceptions import ExceptionEvent, exception_id, exception_subject
 from contracts.rules import SEVERITY
 from contracts.times import ns_to_us, rfc3339, to_us
 from router import streams
 from router.keyfilter import KeyFilter
 from router.recovery import StoredEffects
+from router.timers import Timers
 from snapshots import ActorRecord
 
 if TYPE_CHECKING:
@@ -50,14 +49,10 @@ log = structlog.get_logger()
 
 _EXC_ENCODER = msgspec.json.Encoder()
 _HDR_OVERHEAD = len("NATS/1.0\r\n\r\n")
+KEY_FILTER_PAGE = 4_000
 # A waiting pull request expires after this; its 408 tells the partition it is caught up,
 # which is what lets a timer fire (so keep it well under a second).
-KEY_FILTER_PAGE = 4_000
 PULL_EXPIRES_NS = 400_000_000
-# At most this many timers are read from the store into the heap at once.
-HORIZON_ROWS = 100_000
-# Due timers are fired in chunks of this many: one store read for their actors, checks at once.
-FIRE_CHUNK = 1000
 
 
 # Queued by on_disconnected: what follows it in the queue came over a new connection.
@@ -122,22 +117,8 @@ class Partition:
         self._reposition = False
         self._fenced = False  # see on_disconnected
         self._stopping = False
-        # Timers: a small heap of what is due soon; the rest waits in SQLite.
-        self._heap: list[tuple[int, str, str, str]] = []
-        self._heap_set: set[tuple[int, str, str, str]] = set()
-        self._horizon_us = 0
-        self._horizon_until = 0
-        # Timers set beyond the horizon and not yet in a committed snapshot (key -> deadline).
-        self._far: dict[tuple[str, str, str], int] = {}
-        self._far_writing: dict[tuple[str, str, str], int] = {}
-        self._next_horizon = 0
-        self._horizon_full = False  # the last horizon load stopped at HORIZON_ROWS
-        self._recovering_until_us = 0
+        self.timers = Timers(self)
         self._stored_effects: StoredEffects | None = None  # see prepare()
-        # Timer firings whose exceptions are not all confirmed yet:
-        # key -> [ActorRecord right after the firing, publishes outstanding, _snapshot_gen then].
-        self._timer_unconfirmed: dict[tuple[str, str], list[Any]] = {}
-        self._timer_confirmed: set[tuple[str, str]] = set()
         self._snapshot_gen = 0  # snapshots started so far
         # Snapshots.
         self._since_snapshot = 0
@@ -197,8 +178,8 @@ class Partition:
             self.stored.ready = True  # an empty store: no lookups until something is written
         elif saved is not None and self.stored.load(saved):
             log.info("key_filter_restored", partition=self.index, keys=self.stored.count)
-        self._horizon_us = rt.horizon_us
-        self._recovering_until_us = rt.now_us()
+        self.timers.horizon_us = rt.horizon_us
+        self.timers.recovering_until_us = rt.now_us()
         log.info(
             "partition_ready",
             partition=self.index,
@@ -262,7 +243,7 @@ class Partition:
         )
         rt.raw_path(sub, self.on_raw)
         self._received_through = self.applied_seq
-        await self._load_horizon()
+        await self.timers.load_horizon()
         self.ready.set()
         task_status.started()
         try:
@@ -289,9 +270,9 @@ class Partition:
             if self._inq:
                 await self._drain()
             await self._advance_acks()
-            await self._fire_due_timers()
+            await self.timers.fire_due()
             await self._maybe_snapshot()
-            await self._write_timer_confirmed()
+            await self.timers.write_confirmed()
             if len(self.resident) > self.cap:
                 self._evict()
             if self._stopping and not self._inq:
@@ -309,8 +290,9 @@ class Partition:
 
     def _idle_wait(self) -> float:
         wait = 0.25
-        if self._heap:
-            until_due = (self._heap[0][0] - self.rt.now_us()) / 1e6
+        due = self.timers.next_due()
+        if due is not None:
+            until_due = (due - self.rt.now_us()) / 1e6
             # A timer already due waits for the stream to be seen up to it: a pull status or a
             # message brings that, and wakes the loop. Polling for it meanwhile would spin.
             if until_due > 0:
@@ -366,7 +348,8 @@ class Partition:
         dirty = self.dirty
         stored = self.stored
         new_state = _NEW
-        heap_until = self._horizon_until
+        timers = self.timers
+        heap_until = timers.horizon_until
         received = self._received_through
         applied, last_reply = self.applied_seq, self.last_reply
         lru = len(resident) >= self._lru_from
@@ -446,9 +429,9 @@ class Partition:
                         d = eff.deadline_us
                         if d is not None:
                             if d <= heap_until:
-                                self._push_timer(d, kind, parsed[2], eff.name)
+                                timers.push(d, kind, parsed[2], eff.name)
                             else:
-                                self._far[(kind, parsed[2], eff.name)] = d
+                                timers.far[(kind, parsed[2], eff.name)] = d
         self._received_through = received
         if applied > self.applied_seq:
             ts_ns = _reply_ts_ns(last_reply)
@@ -687,13 +670,8 @@ class Partition:
                 await self._publish(
                     entry, f"events.{eff.kind}.{eff.key}", encode_event(eff.event), {"Nats-Msg-Id": msg_id}, done
                 )
-            elif type(eff) is SetTimer:
-                d = eff.deadline_us
-                if d is not None:
-                    if d <= self._horizon_until:
-                        self._push_timer(d, kind, key, eff.name)
-                    else:
-                        self._far[(kind, key, eff.name)] = d
+            elif type(eff) is SetTimer and eff.deadline_us is not None:
+                self.timers.schedule(eff.deadline_us, kind, key, eff.name)
 
     async def _publish(
         self,
@@ -807,7 +785,7 @@ class Partition:
         writing, self.dirty = self.dirty, set()
         self._writing = writing
         # Timers beyond the horizon set since the last snapshot: this one stores them.
-        self._far_writing, self._far = self._far, {}
+        self.timers.snapshot_started()
         self._snapshot_gen += 1
         self._since_snapshot = 0
         self._last_snapshot = time.monotonic()
@@ -862,10 +840,10 @@ class Partition:
                 await anyio.lowlevel.checkpoint()
         except BaseException:
             self.dirty |= keys  # not written: keep them dirty
-            self._far.update(self._far_writing)  # and their far timers in view
+            self.timers.snapshot_failed()  # and their far timers in view
             raise
         finally:
-            self._far_writing = {}
+            self.timers.snapshot_ended()
             self._writing = set()
             self._snapshot_running = False
             self._snapshot_done.set()
@@ -889,7 +867,7 @@ class Partition:
         while True:
             pending = next((e.seq for e in self._inflight if e.outstanding), None)
             if (pending is None or pending > seq) and not any(
-                p[1] and k in keys for k, p in self._timer_unconfirmed.items()
+                p[1] and k in keys for k, p in self.timers.unconfirmed.items()
             ):
                 return seq
             await anyio.sleep(0.005)
@@ -907,153 +885,6 @@ class Partition:
     @property
     def _filter_name(self) -> str:
         return f"key_filter:{self.index}"
-
-    # ------------------------------------------------------------------ timers
-
-    def _push_timer(self, deadline: int, kind: str, key: str, name: str) -> None:
-        item = (deadline, kind, key, name)
-        if item not in self._heap_set:
-            self._heap_set.add(item)
-            heapq.heappush(self._heap, item)
-
-    async def _load_horizon(self) -> None:
-        now = self.rt.now_us()
-        until = now + self._horizon_us
-        rows = await self.rt.store.due_timers(self.index, until, HORIZON_ROWS)
-        for deadline, kind, key, name in rows:
-            self._push_timer(deadline, kind, key, name)
-        # Far timers set since the last committed snapshot are not in the store yet.
-        for far in (self._far, self._far_writing):
-            for (kind, key, name), deadline in list(far.items()):
-                if deadline <= until:
-                    self._push_timer(deadline, kind, key, name)
-        self._horizon_full = len(rows) >= HORIZON_ROWS
-        if self._horizon_full:
-            # More are due within the horizon than one load takes: the heap covers up to the last
-            # deadline read, and the next load comes as soon as it has fired down to there.
-            until = rows[-1].deadline_us
-        self._horizon_until = until
-        self._next_horizon = now + self._horizon_us // 2
-
-    async def _fire_due_timers(self) -> None:
-        now = self.rt.now_us()
-        if now >= self._next_horizon or (
-            self._horizon_full and (not self._heap or self._heap[0][0] > self._horizon_until)
-        ):
-            # Look further ahead: the store, plus far timers set since the last snapshot
-            # (no snapshot is forced here: that would hold up the partition).
-            await self._load_horizon()
-        heap = self._heap
-        if not heap:
-            return
-        limit = min(now, max(self.caught_up_us, ns_to_us(self.stream_ts_ns)))
-        while heap and heap[0][0] <= limit:
-            due: list[tuple[int, str, str, str]] = []
-            while heap and heap[0][0] <= limit and len(due) < FIRE_CHUNK:
-                item = heapq.heappop(heap)
-                self._heap_set.discard(item)
-                due.append(item)
-            missing = {(kind, key) for _d, kind, key, _n in due if (kind, key) not in self.resident}
-            if missing:
-                await self._load(missing)  # one query for the actors not in memory
-            fired: list[tuple[int, str, str, str, Any]] = []
-            for deadline, kind, key, name in due:
-                st = self.resident[(kind, key)]
-                if actors.ACTORS[kind].timers(st).get(name) != deadline:
-                    continue  # moved or cancelled since it was set
-                effects = actors.fire(kind, st, name, deadline, self.th)
-                if effects:
-                    fired.append((deadline, kind, key, name, effects))
-            # Due while the router was away: it may have fired before a crash. Ask EXCEPTIONS, all at once.
-            published = await self._timers_already_published(
-                {i: (kind, key, eff, timer_cause(d)) for i, (d, kind, key, _n, eff) in enumerate(fired)
-                 if d < self._recovering_until_us}
-            )
-            for i, (deadline, kind, key, name, effects) in enumerate(fired):
-                k = (kind, key)
-                st = self.resident[k]
-                self.dirty.add(k)
-                cause = timer_cause(deadline)
-                publish = i not in published
-                outward = sum(1 for e in effects if type(e) is Alert or type(e) is Send) if publish else 0
-                if outward:
-                    # What to store once these are confirmed (see _write_timer_confirmed).
-                    record = ActorRecord(kind, key, st.seq, actors.encode_state(st), actors.ACTORS[kind].timers(st))
-                    pending = self._timer_unconfirmed.get(k)
-                    self._timer_unconfirmed[k] = [record, outward + (pending[1] if pending else 0), self._snapshot_gen]
-                await self._effects(
-                    None, kind, key, None, deadline, effects, publish, cause=cause, done=functools.partial(self._timer_done, k)
-                )
-                if publish:
-                    log.info("timer_fired", kind=kind, key=key, timer=name, deadline=rfc3339(deadline))
-
-    def _timer_done(self, k: tuple[str, str]) -> None:
-        pending = self._timer_unconfirmed.get(k)
-        if pending is not None:
-            pending[1] -= 1
-            if pending[1] == 0:
-                self._timer_confirmed.add(k)
-                self._wake.set()
-
-    async def _write_timer_confirmed(self) -> None:
-        """Store a fired actor as soon as the firing's exceptions are confirmed: a restart must not refire.
-
-        What is stored is the state right after the firing, not the current one: events applied
-        since then are not covered by the partition's marks yet, and a restart must apply them
-        again (a clear after the raise, say). It is stored only when no snapshot has started
-        since the firing (that snapshot holds this actor, as new or newer) and only once the
-        effects of every event it includes are confirmed.
-        """
-        if not self._timer_confirmed or self._snapshot_running:
-            return
-        rows: list[ActorRecord] = []
-        unconfirmed, effects_seq, gen = self._timer_unconfirmed, self.effects_seq, self._snapshot_gen
-        for k in list(self._timer_confirmed):
-            record, outstanding, fired_gen = unconfirmed[k]
-            if fired_gen != gen or outstanding:
-                self._timer_confirmed.discard(k)
-                if not outstanding:
-                    del unconfirmed[k]
-            elif record.last_seq <= effects_seq:
-                self._timer_confirmed.discard(k)
-                del unconfirmed[k]
-                rows.append(record)
-        if rows:
-            await self.rt.store.write_actors(self.index, rows)
-
-    async def _timers_already_published(self, firings: dict[int, tuple[str, str, Any, str]]) -> set[int]:
-        """Which of the firings (kind, key, effects, cause) are already in EXCEPTIONS; checked concurrently."""
-        found: set[int] = set()
-        if not firings:
-            return found
-        limiter = anyio.Semaphore(64)
-
-        async def check(i: int, kind: str, key: str, effects: Any, cause: str) -> None:
-            async with limiter:
-                if await self._timer_already_published(kind, key, effects, cause):
-                    found.add(i)
-
-        async with anyio.create_task_group() as tg:
-            for i, firing in firings.items():
-                tg.start_soon(check, i, *firing)
-        return found
-
-    async def _timer_already_published(self, kind: str, key: str, effects: Any, cause: str) -> bool:
-        """After a restart, a timer due while the router was away may have fired before the crash."""
-        for eff in effects:
-            if type(eff) is not Alert:
-                continue
-            want = exception_id(kind, key, eff.rule, eff.location, eff.status, cause)
-            try:
-                last = await self.rt.jsm.get_last_msg(
-                    self.cfg.streams.exceptions, exception_subject(kind, eff.rule, key)
-                )
-            except Exception:
-                return False
-            if (last.headers or {}).get("Nats-Msg-Id") != want:
-                return False
-        return True
-
 
 def _apply_fns() -> dict[str, Callable[..., Any]]:
     return {kind: mod.apply for kind, mod in actors.ACTORS.items()}

@@ -178,7 +178,7 @@ class Runtime:
                 "snapshot_seq": p.snapshot_seq,
                 "resident_actors": len(p.resident),
                 "dirty_actors": len(p.dirty),
-                "timers_due_soon": len(p._heap),
+                "timers_due_soon": len(p.timers.heap),
                 "processed": p.processed,
                 "dead_lettered": p.dead_lettered,
                 "exceptions": p.exceptions_sent,

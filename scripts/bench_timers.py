@@ -121,7 +121,7 @@ async def measure(url: str, db: str, overdue: int, due: int) -> dict[str, Any]:
         await tg.start(rt.serve)
         ready_s = time.monotonic() - t0
         rss_ready = rss_mib()
-        heap = len(rt.partitions[0]._heap)
+        heap = len(rt.partitions[0].timers.heap)
         with anyio.fail_after(600):
             await done.wait()
         rss_end = rss_mib()

@@ -26,7 +26,7 @@ import actors
 from actors._base import Thresholds
 from contracts.config import Config
 from contracts.times import rfc3339
-from router import partition as partition_mod
+from router import timers as timers_mod
 from router.partition import PULL_EXPIRES_NS, Partition
 from router.runtime import Runtime
 from tests.support.harness import make_config, publish_all, query_state, running_router, settle, wait_for
@@ -279,7 +279,7 @@ async def test_timers_of_actors_not_in_memory_fire_once_each(
 ) -> None:
     """300 deadlines, a resident cap of 100, and a heap that takes 40 rows per load: each
     timer waits in SQLite, its actor is loaded to fire it, and all fire at once when due."""
-    monkeypatch.setattr(partition_mod, "HORIZON_ROWS", 40)
+    monkeypatch.setattr(timers_mod, "HORIZON_ROWS", 40)
     url = nats_server.url
     v0 = start_us()
     clock = VirtualClock(v0)
@@ -372,10 +372,10 @@ async def test_a_firing_published_before_a_crash_is_not_published_again(
     skip_store = monkeypatch.context()
     with skip_store as m:
 
-        async def nothing(self: Partition) -> None:
+        async def nothing(self: timers_mod.Timers) -> None:
             return None
 
-        m.setattr(Partition, "_write_timer_confirmed", nothing)
+        m.setattr(timers_mod.Timers, "write_confirmed", nothing)
         async with ExceptionsTail(url) as tail, crashing_router(cfg, clock) as rt:
             await publish_all(url, [booked("K", v0, v0 + 9 * H), ship("K", "picked_up", v0)])
             await settle(url, cfg, rt)
@@ -442,7 +442,7 @@ async def test_the_stored_firing_is_the_state_right_after_it(
         assert len(held) == 1
         held[0]()  # the firing's PubAck arrives now
         p = rt.partitions[0]
-        await wait_for(lambda: not p._timer_unconfirmed, 5.0)
+        await wait_for(lambda: not p.timers.unconfirmed, 5.0)
         row = await rt.store.load_actor("shipment", "Y")
         assert row is not None
         stored = actors.decode_state("shipment", row[1])
