@@ -237,14 +237,19 @@ async def _settle_partitions(url: str, cfg: Any, rt: Any, timeout: float = 60.0)
 
 async def test_three_partitions_match_the_contract(nats_server: Any, tmp_path: Path) -> None:
     """Keys spread over three partitions (the stream maps each key to one), each with its own
-    consumer and loop; SKU <-> campaign messages cross partitions. Together they do what one does."""
+    consumer, loop and marks; SKU <-> campaign messages cross partitions; a restart halfway.
+    Together they do what one does."""
     from router.simulate import workload
 
     cfg = make_config(nats_server.url, tmp_path, router={"partitions": 3}, snapshots={"resident_actors": 100})
     msgs = list(workload(seed=31, count=6000, bad_share=0.02, now_us=NOW_US))
     async with running_router(cfg, frozen_clock) as rt:
-        for i in range(0, len(msgs), 1500):
+        for i in range(0, 3000, 1500):
             await publish_all(nats_server.url, msgs[i : i + 1500])
+        await _settle_partitions(nats_server.url, cfg, rt)
+    # Half published while the router is down: each partition resumes from its own marks.
+    await publish_all(nats_server.url, msgs[3000:])
+    async with running_router(cfg, frozen_clock) as rt:
         await _settle_partitions(nats_server.url, cfg, rt)
         applied = [p.applied_seq for p in rt.partitions]
         exp = await check_against_fold(nats_server.url, cfg)
