@@ -90,11 +90,12 @@ class Publisher:
             await nc.close()
 
 
-async def test_sigkill_and_server_restart_under_load(nats_server: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("partitions", [1, 3])
+async def test_sigkill_and_server_restart_under_load(nats_server: Any, tmp_path: Path, partitions: int) -> None:
     """SIGKILL the router at random moments, restart nats-server once, all under load: nothing lost or doubled."""
     seed = int(os.environ.get("ROUTER_FAULT_SEED", "3"))  # another seed, another schedule
-    rng = random.Random(seed)
-    cfg = write_config(tmp_path / "config.toml", nats_server.url)
+    rng = random.Random(seed + partitions)
+    cfg = write_config(tmp_path / "config.toml", nats_server.url, router={"partitions": partitions})
     messages = future_workload(seed=11 + seed, count=60_000)
     pub = Publisher(nats_server.url, messages)
     timeline: list[str] = []
@@ -132,7 +133,7 @@ async def test_sigkill_and_server_restart_under_load(nats_server: Any, tmp_path:
             note("publishing and chaos done")
             assert rp.running, rp.tail()
             final = await settle_process(nats_server.url, cfg, rp, timeout=60)
-            note(f"settled at applied_seq={final['partitions'][0]['applied_seq']}")
+            note(f"settled at applied_seq={[p['applied_seq'] for p in final['partitions']]}")
             exp = await assert_exactly_once(nats_server.url, cfg)
             keys = await check_all_states(nats_server.url, exp)
             note(
