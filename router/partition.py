@@ -347,8 +347,7 @@ class Partition:
         dirty = self.dirty
         stored = self.stored
         new_state = _NEW
-        timers = self.timers
-        heap_until = timers.horizon_until
+        schedule = self.timers.schedule
         received = self._received_through
         applied, last_reply = self.applied_seq, self.last_reply
         lru = len(resident) >= self._lru_from
@@ -425,12 +424,8 @@ class Partition:
                         break
                 else:  # only timers changed: no publishing, no ack tracking
                     for eff in effects:
-                        d = eff.deadline_us
-                        if d is not None:
-                            if d <= heap_until:
-                                timers.push(d, kind, parsed[2], eff.name)
-                            else:
-                                timers.far[(kind, parsed[2], eff.name)] = d
+                        if eff.deadline_us is not None:
+                            schedule(eff.deadline_us, kind, parsed[2], eff.name)
         self._received_through = received
         if applied > self.applied_seq:
             ts_ns = _reply_ts_ns(last_reply)
@@ -798,7 +793,7 @@ class Partition:
         try:
             rows = []
             resident = self.resident
-            timer_fns = _TIMERS
+            record = self.record
             n = 0
             top = applied  # the highest sequence any stored state holds
             slice_end = time.perf_counter() + _SLICE_S
@@ -806,10 +801,7 @@ class Partition:
                 st = resident.get(k)
                 if st is None:
                     continue
-                timers = timer_fns[k[0]]
-                rows.append(
-                    ActorRecord(k[0], k[1], st.seq, actors.encode_state(st), timers(st) if timers is not None else None)
-                )
+                rows.append(record(k, st))
                 if st.seq > top:
                     top = st.seq
                 n += 1
@@ -847,6 +839,12 @@ class Partition:
             self._snapshot_running = False
             self._snapshot_done.set()
             self._wake.set()  # written actors may be evicted now, and fetching may resume
+
+    @staticmethod
+    def record(k: tuple[str, str], st: Any) -> ActorRecord:
+        """What the store keeps of an actor: its state, and its timers when its kind keeps any."""
+        timers = _TIMERS[k[0]]
+        return ActorRecord(k[0], k[1], st.seq, actors.encode_state(st), timers(st) if timers is not None else None)
 
     def _confirmed_through(self) -> int:
         """Every message at or below this has all its effects confirmed (acks may lag behind)."""

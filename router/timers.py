@@ -149,7 +149,7 @@ class Timers:
                 outward = sum(1 for e in effects if type(e) is Alert or type(e) is Send) if publish else 0
                 if outward:
                     # What to store once these are confirmed (see write_confirmed).
-                    record = ActorRecord(kind, key, st.seq, actors.encode_state(st), actors.ACTORS[kind].timers(st))
+                    record = p.record(k, st)
                     pending = self.unconfirmed.get(k)
                     self.unconfirmed[k] = [record, outward + (pending[1] if pending else 0), p._snapshot_gen]
                 await p._effects(

@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import anyio
 import nats
 import pytest
 
@@ -176,8 +177,6 @@ async def test_pongs_between_messages_lose_nothing(nats_server: Any, tmp_path: P
     follows it must still reach the partition (and the PubAcks the publisher), not nats-py's
     own delivery. nats-py pings every two minutes; here the router's connection is flushed
     (PING, then the server's PONG) every few milliseconds while it catches up."""
-    import anyio
-
     from router.simulate import workload
 
     cfg = make_config(nats_server.url, tmp_path)
@@ -207,34 +206,6 @@ async def test_pongs_between_messages_lose_nothing(nats_server: Any, tmp_path: P
     assert exp.dead_letters, "the workload has bad input"
 
 
-async def _settle_partitions(url: str, cfg: Any, rt: Any, timeout: float = 60.0) -> None:
-    """Until every partition's consumer has delivered and had acknowledged all it holds, every
-    effect is confirmed, and the stream stopped growing (actor messages come after events)."""
-    import anyio
-
-    from router.streams import consumer_name
-    from tests.support.harness import stream_last_seq
-
-    nc = await nats.connect(url)
-    js = nc.jsm()
-    try:
-        with anyio.fail_after(timeout):
-            last = -1
-            while True:
-                infos = [
-                    await js.consumer_info(cfg.streams.events, consumer_name(cfg, p.index)) for p in rt.partitions
-                ]
-                idle = all(i.num_pending == 0 and i.num_ack_pending == 0 for i in infos)
-                if idle and rt.publisher.outstanding == 0 and not any(p._inflight for p in rt.partitions):
-                    now = await stream_last_seq(url, cfg.streams.events)
-                    if now == last:
-                        return
-                    last = now
-                await anyio.sleep(0.1)
-    finally:
-        await nc.close()
-
-
 async def test_three_partitions_match_the_contract(nats_server: Any, tmp_path: Path) -> None:
     """Keys spread over three partitions (the stream maps each key to one), each with its own
     consumer, loop and marks; SKU <-> campaign messages cross partitions; a restart halfway.
@@ -246,11 +217,11 @@ async def test_three_partitions_match_the_contract(nats_server: Any, tmp_path: P
     async with running_router(cfg, frozen_clock) as rt:
         for i in range(0, 3000, 1500):
             await publish_all(nats_server.url, msgs[i : i + 1500])
-        await _settle_partitions(nats_server.url, cfg, rt)
+        await settle(nats_server.url, cfg, rt)
     # Half published while the router is down: each partition resumes from its own marks.
     await publish_all(nats_server.url, msgs[3000:])
     async with running_router(cfg, frozen_clock) as rt:
-        await _settle_partitions(nats_server.url, cfg, rt)
+        await settle(nats_server.url, cfg, rt)
         applied = [p.applied_seq for p in rt.partitions]
         exp = await check_against_fold(nats_server.url, cfg)
         await check_states(nats_server.url, exp, sample=300)

@@ -53,12 +53,32 @@ async def wait_for(check: Callable[[], Awaitable[bool] | bool], timeout: float =
             await anyio.sleep(0.05)
 
 
+async def all_applied(jsm: Any, cfg: Config, applied: list[int], stream_last: int) -> bool:
+    """Whether the partitions (their `applied` sequences) applied everything through `stream_last`.
+
+    One partition applies the whole stream. Of several, each has only its share: then its
+    consumer must have delivered all it holds and had every delivery acknowledged (the router
+    acknowledges once an event's effects are confirmed).
+    """
+    if len(applied) == 1:
+        return applied[0] >= stream_last
+    from router.streams import consumer_name
+
+    for i in range(len(applied)):
+        info = await jsm.consumer_info(cfg.streams.events, consumer_name(cfg, i))
+        if info.num_pending or info.num_ack_pending:
+            return False
+    return True
+
+
 async def wait_applied(rt: Runtime, stream_last: int, timeout: float = 30.0) -> None:
     """Until every partition applied through `stream_last` and all effects are confirmed."""
 
-    def done() -> bool:
-        return all(p.applied_seq >= stream_last and not p._inflight for p in rt.partitions) and (
+    async def done() -> bool:
+        return (
             rt.publisher.outstanding == 0
+            and not any(p._inflight for p in rt.partitions)
+            and await all_applied(rt.jsm, rt.cfg, [p.applied_seq for p in rt.partitions], stream_last)
         )
 
     await wait_for(done, timeout)

@@ -24,7 +24,7 @@ import anyio
 import nats
 
 from contracts.config import Config, load_config
-from tests.support.harness import check_against_fold
+from tests.support.harness import all_applied, check_against_fold
 from tests.support.oracle import Expected, expected_reply, read_stream
 
 # A per-key state query waits at most this long for a reply.
@@ -209,21 +209,6 @@ async def wait_healthy(url: str, rp: RouterProcess, timeout: float = 20.0) -> di
         await nc.close()
 
 
-async def _all_applied(jsm: Any, cfg: Config, h: dict[str, Any], last: int) -> bool:
-    """One partition applies the whole stream; of several, each has only its share: then its
-    consumer must have delivered all it holds and had every delivery acknowledged (the router
-    acknowledges once an event's effects are confirmed)."""
-    if len(h["partitions"]) == 1:
-        return bool(h["partitions"][0]["applied_seq"] >= last)
-    from router.streams import consumer_name
-
-    for i in range(len(h["partitions"])):
-        info = await jsm.consumer_info(cfg.streams.events, consumer_name(cfg, i))
-        if info.num_pending or info.num_ack_pending:
-            return False
-    return True
-
-
 async def settle_process(url: str, cfg: Config, rp: RouterProcess, timeout: float = 60.0) -> dict[str, Any]:
     """Until the subprocess router applied all of EVENTS (its own actor messages too) and confirmed every effect."""
     nc = await nats.connect(url)
@@ -243,7 +228,7 @@ async def settle_process(url: str, cfg: Config, rp: RouterProcess, timeout: floa
                     h is not None
                     and h.get("status") == "ok"
                     and h.get("unconfirmed_publishes") == 0
-                    and await _all_applied(jsm, cfg, h, last)
+                    and await all_applied(jsm, cfg, [p["applied_seq"] for p in h["partitions"]], last)
                 )
                 quiet = quiet + 1 if done and last == last_seen else 0
                 last_seen = last
