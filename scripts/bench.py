@@ -603,7 +603,6 @@ class Bench:
             await child.stop()
         # From serving: like the baseline's clock, which starts once its consumer exists. The time
         # before (store, key filter, consumer) is reported apart, as start-up.
-        stats["startup_s"] = serving["t"] - serving["t0"]
         stats["rate_with_startup"] = n / (reached["t"] - serving["t0"])
         return (n / (reached["t"] - serving["t"]), reached["cpu"] - serving["cpu"],
                 reached["loop_cpu"] - serving["loop_cpu"], stats)
