@@ -1,18 +1,20 @@
 """The router's I/O shell: NATS JetStream in, pure actors in the middle, exceptions out.
 
-Layers, from the outside in:
+Wings, each importing only the ones below it (cli -> engine -> jetstream -> the pure core):
 
-- `router.cli`        the `router` command (run, check-config, pub, state, watch, dlq,
-                      schema, simulate); `router.client` finds and connects to the server
-                      for the client commands; `router.logs` configures logging once.
-- `router.runtime`    the daemon's lifecycle (server, connection, streams, store,
-                      partitions, queries, graceful stop); `router.embedded` runs the
-                      bundled nats-server when `[nats] url = "embedded"`.
-- `router.partition`, `router.publisher`, `router.service`, `router.streams`
-                      the pipeline: fetch, decode, apply, publish effects, ack, snapshot.
-- `router.simulate`   a seeded, realistic workload for demos, tests and benchmarks.
+- `router.cli`        what a user can type: `router run` (composed here), check-config, pub,
+                      state, watch, dlq, schema, simulate; finding and connecting to a server.
+- `router.engine`     the daemon: lifecycle (`daemon`), one partition's loop (`partition`),
+                      durable timers, the key filter, state and health queries.
+- `router.jetstream`  everything that knows nats-py internals or the JetStream API: the
+                      protocol parser, the effect publisher, stream set-up, recovery of stored
+                      but unconfirmed effects, the bundled nats-server.
+- `router.workload`   pure, like `actors`: a seeded operations day for demos, tests and the
+                      benchmark.
+- `router.logs`       one structlog configuration.
 
-The domain itself lives in `actors` (pure functions) and the wire contract in `contracts`.
+The domain itself lives in `actors` (pure functions), the wire contract in `contracts` and
+the SQLite store in `snapshots`.
 """
 
 from __future__ import annotations

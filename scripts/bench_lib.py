@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from contracts.times import rfc3339  # noqa: E402
-from router.embedded import find_nats_server  # noqa: E402
+from router.jetstream.embedded import find_nats_server  # noqa: E402
 
 LOCS = ["BLR-DS-4", "DEL-WH-1", "MUM-DS-2", "HYD-DS-1"]
 
@@ -629,7 +629,7 @@ def host(cfg_path: str, marks: list[int], trace_stalls_ms: float = 0) -> int:
     parsing, logging, uvloop, signals, start-up and shutdown) is the CLI's own."""
     from contracts.config import load_config
     from router import cli
-    from router.runtime import Runtime
+    from router.engine.daemon import Runtime
 
     if load_config(cfg_path).router.partitions != 1:
         raise SystemExit("the benchmark host measures one partition")

@@ -98,8 +98,8 @@ async def measure(url: str, db: str, overdue: int, due: int) -> dict[str, Any]:
     import nats
 
     from contracts.config import config_from_dict
+    from router.engine.daemon import Runtime
     from router.logs import configure_logging
-    from router.runtime import Runtime
 
     configure_logging("warning", "console")
     rss_base = rss_mib()

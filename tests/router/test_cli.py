@@ -23,9 +23,9 @@ from contracts.decode import DecodeError, decode_event
 from contracts.events import EVENT_TYPES, KINDS
 from contracts.times import to_us
 from router import cli
-from router.client import ClientError, resolve_server
+from router.cli.client import ClientError, resolve_server
 from router.logs import configure_logging
-from router.simulate import HOT_SKU, Tally, workload
+from router.workload import HOT_SKU, Tally, workload
 from tests.support.natsserver import NatsServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -510,7 +510,7 @@ def test_workload_is_deterministic_for_a_seed_and_time_base() -> None:
 
 def test_workload_does_not_depend_on_hash_randomization() -> None:
     code = (
-        "import hashlib,sys; from router.simulate import workload\n"
+        "import hashlib,sys; from router.workload import workload\n"
         "h = hashlib.sha256()\n"
         f"for s, d in workload(3, now_us={T0_US}, count=2000, bad_share=0.05): h.update(s.encode()+b'\\0'+d+b'\\0')\n"
         "print(h.hexdigest())\n"
@@ -716,7 +716,7 @@ def test_run_embedded_then_clients_find_it_by_the_url_file(tmp_path: Path) -> No
             proc.kill()
         proc.communicate()
     assert not url_file.exists()
-    from router.embedded import _pid_alive
+    from router.jetstream.embedded import _pid_alive
 
     assert not _pid_alive(pid), "the embedded server stops with the router"
     gone = run_process("state", "sku", "SKU-7", cwd=tmp_path)

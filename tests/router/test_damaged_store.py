@@ -17,7 +17,7 @@ import anyio.to_thread
 import nats
 import pytest
 
-from router.simulate import workload
+from router.workload import workload
 from tests.support.harness import publish_all
 from tests.support.procs import (
     RouterProcess,

@@ -16,7 +16,7 @@ import anyio
 import nats
 import pytest
 
-from router.embedded import (
+from router.jetstream.embedded import (
     OWNER_FILE,
     PID_FILE,
     URL_FILE,
@@ -39,7 +39,7 @@ OWNER = textwrap.dedent(
     """
     import sys, anyio
     from pathlib import Path
-    from router.embedded import embedded_server
+    from router.jetstream.embedded import embedded_server
     from router.logs import configure_logging
 
     configure_logging("warning", "json")  # stderr; stdout carries only the URL

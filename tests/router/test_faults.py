@@ -21,7 +21,7 @@ import anyio.to_thread
 import nats
 import pytest
 
-from router.simulate import workload
+from router.workload import workload
 from tests.support.oracle import read_stream
 from tests.support.procs import (
     assert_exactly_once,
@@ -199,7 +199,7 @@ def _cause(msg_id: str) -> int | None:
 
 
 def test_effect_ids_name_their_cause() -> None:
-    from router.recovery import effect_cause
+    from router.jetstream.recovery import effect_cause
 
     assert effect_cause("dead:17") == 17
     assert effect_cause("sku:A:stockout:BLR-DS-4:raised:42") == 42

@@ -228,7 +228,7 @@ async def test_an_actor_that_raises_is_dead_lettered_and_the_partition_goes_on(
         return real_apply(state, event, ts_us, th)
 
     monkeypatch.setattr(sku_actor, "apply", buggy_apply)
-    import router.partition as partition_module
+    import router.engine.partition as partition_module
 
     table = getattr(partition_module, "_APPLY", None)
     if isinstance(table, dict):  # the partition's hot path keeps its own table of apply functions

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from router.keyfilter import KeyFilter
+from router.engine.keyfilter import KeyFilter
 from snapshots import Store
 from tests.support.harness import make_config, publish_all, query_state, running_router, settle
 

@@ -120,7 +120,7 @@ async def test_bad_input_is_dead_lettered_and_later_events_apply(nats_server: An
 
 
 async def test_restart_mid_stream_loses_and_repeats_nothing(nats_server: Any, tmp_path: Path) -> None:
-    from router.simulate import workload
+    from router.workload import workload
 
     cfg = make_config(nats_server.url, tmp_path)
     msgs = list(workload(seed=7, count=3000, bad_share=0.02, now_us=NOW_US))
@@ -139,7 +139,7 @@ async def test_restart_mid_stream_loses_and_repeats_nothing(nats_server: Any, tm
 
 
 async def test_seeded_mixed_workload_matches_the_contract(nats_server: Any, tmp_path: Path) -> None:
-    from router.simulate import workload
+    from router.workload import workload
 
     cfg = make_config(nats_server.url, tmp_path, snapshots={"resident_actors": 100})
     msgs = list(workload(seed=2026, count=6000, bad_share=0.02, now_us=NOW_US))
@@ -177,7 +177,7 @@ async def test_pongs_between_messages_lose_nothing(nats_server: Any, tmp_path: P
     follows it must still reach the partition (and the PubAcks the publisher), not nats-py's
     own delivery. nats-py pings every two minutes; here the router's connection is flushed
     (PING, then the server's PONG) every few milliseconds while it catches up."""
-    from router.simulate import workload
+    from router.workload import workload
 
     cfg = make_config(nats_server.url, tmp_path)
     async with running_router(cfg, frozen_clock) as rt:  # creates the streams
@@ -210,7 +210,7 @@ async def test_three_partitions_match_the_contract(nats_server: Any, tmp_path: P
     """Keys spread over three partitions (the stream maps each key to one), each with its own
     consumer, loop and marks; SKU <-> campaign messages cross partitions; a restart halfway.
     Together they do what one does."""
-    from router.simulate import workload
+    from router.workload import workload
 
     cfg = make_config(nats_server.url, tmp_path, router={"partitions": 3}, snapshots={"resident_actors": 100})
     msgs = list(workload(seed=31, count=6000, bad_share=0.02, now_us=NOW_US))

@@ -26,9 +26,9 @@ import actors
 from actors._base import Thresholds
 from contracts.config import Config
 from contracts.times import rfc3339
-from router import timers as timers_mod
-from router.partition import PULL_EXPIRES_NS, Partition
-from router.runtime import Runtime
+from router.engine import timers as timers_mod
+from router.engine.daemon import Runtime
+from router.engine.partition import PULL_EXPIRES_NS, Partition
 from tests.support.harness import make_config, publish_all, query_state, running_router, settle, wait_for
 from tests.support.oracle import read_stream
 

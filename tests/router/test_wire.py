@@ -1,4 +1,4 @@
-"""router.wire.FastParser gives nats-py's client exactly the calls nats-py's own parser gives."""
+"""router.jetstream.parser.FastParser gives nats-py's client exactly the calls nats-py's own parser gives."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from nats.errors import ProtocolError
 from nats.protocol.parser import Parser
 
-from router.wire import FastParser
+from router.jetstream.parser import FastParser
 
 pytestmark = pytest.mark.anyio
 

@@ -13,7 +13,7 @@ import anyio
 import nats
 
 from contracts.config import Config, config_from_dict
-from router.runtime import Runtime, wall_clock_us
+from router.engine.daemon import Runtime, wall_clock_us
 from tests.support.oracle import Expected, Stored, expected_reply, fold, read_stream
 
 
@@ -62,7 +62,7 @@ async def all_applied(jsm: Any, cfg: Config, applied: list[int], stream_last: in
     """
     if len(applied) == 1:
         return applied[0] >= stream_last
-    from router.streams import consumer_name
+    from router.jetstream.streams import consumer_name
 
     for i in range(len(applied)):
         info = await jsm.consumer_info(cfg.streams.events, consumer_name(cfg, i))

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from router.embedded import find_nats_server
+from router.jetstream.embedded import find_nats_server
 
 HOST = "127.0.0.1"
 

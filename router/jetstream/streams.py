@@ -154,7 +154,7 @@ async def consumer_marks(jsm: JetStreamManager, cfg: Config, partition: int) -> 
     """(ack floor, last delivered) stream sequences of the partition's consumer; (0, 0) when none.
 
     Between the two lie events the last run received but did not acknowledge: their effects
-    may be stored already (see `router.recovery`).
+    may be stored already (see `router.jetstream.recovery`).
     """
     try:
         info = await jsm.consumer_info(cfg.streams.events, consumer_name(cfg, partition))

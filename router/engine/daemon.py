@@ -19,10 +19,10 @@ from nats.js.manager import JetStreamManager
 
 from actors._base import Thresholds
 from contracts.config import Config, duration_us
-from router import streams
-from router.partition import Partition
-from router.publisher import Publisher
-from router.wire import FastParser
+from router.engine.partition import Partition
+from router.jetstream import streams
+from router.jetstream.parser import FastParser
+from router.jetstream.publisher import Publisher
 from snapshots import Store, StoreDamagedError
 
 log = structlog.get_logger()
@@ -63,12 +63,12 @@ class Runtime:
         """Deliver `sub`'s messages straight from the protocol parser to `handler`.
 
         nats-py builds a Msg, queues it and runs a callback task for every message; the
-        partition's hot path needs none of that. `router.wire.FastParser` (installed by
+        partition's hot path needs none of that. `router.jetstream.parser.FastParser` (installed by
         `_connect`) calls the handler in wire order and leaves every other subscription on
         nats-py's own path.
         """
         parser = self.nc._ps
-        assert isinstance(parser, FastParser), "connect with router.runtime._connect"
+        assert isinstance(parser, FastParser), "connect with router.engine.daemon._connect"
         parser.handlers[sub._id] = handler
 
     def fatal(self, message: str) -> FatalError:
@@ -82,7 +82,7 @@ class Runtime:
             data_dir.mkdir(parents=True, exist_ok=True)
             url = cfg.nats.url.strip()
             if url == "embedded":
-                from router.embedded import embedded_server
+                from router.jetstream.embedded import embedded_server
 
                 url = await stack.enter_async_context(embedded_server(data_dir, cfg.nats.embedded_port))
             holder: dict[str, Runtime] = {}
@@ -122,7 +122,7 @@ class Runtime:
                 raise
         async with anyio.create_task_group() as tg:
             await tg.start(self.publisher.serve, self.raw_path)
-            from router.service import serve_queries
+            from router.engine.queries import serve_queries
 
             await tg.start(serve_queries, self)
             async with anyio.create_task_group() as parts:

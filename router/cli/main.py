@@ -2,17 +2,16 @@
 
 Exit codes: 0 done, 1 runtime failure (no server, no responder, the daemon failed),
 2 bad usage or config (`config error: <key.path>: ...` on stderr), 130 interrupted while
-starting. The subcommands that talk to a running router are in `router.cli_client`.
+starting. The subcommands that talk to a running router are in `router.cli.commands`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Final
 
 import msgspec
@@ -20,8 +19,9 @@ import msgspec
 from contracts.config import Config, ConfigError, load_config
 from contracts.events import KINDS, json_schema
 from router import __version__
-from router.cli_client import cmd_dlq, cmd_pub, cmd_simulate, cmd_state, cmd_watch, rate_arg, share_arg
-from router.cli_common import (
+from router.cli.client import ClientError
+from router.cli.commands import cmd_dlq, cmd_pub, cmd_simulate, cmd_state, cmd_watch, rate_arg, share_arg
+from router.cli.common import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -31,27 +31,19 @@ from router.cli_common import (
     run_async,
     single_exception,
 )
-from router.client import ClientError
 
 # --- run, check-config, schema ---------------------------------------------------------
-
-
-def _daemon_run() -> Callable[[Config], Awaitable[int]]:
-    """`router.daemon.run` (or `router.runtime.run`), imported only when `router run` starts."""
-    name = "router.daemon" if importlib.util.find_spec("router.daemon") is not None else "router.runtime"
-    module = importlib.import_module(name)
-    return module.run  # type: ignore[no-any-return]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     import structlog
 
-    from router.embedded import EmbeddedServerError
+    from router.engine.daemon import run
+    from router.jetstream.embedded import EmbeddedServerError
     from router.logs import configure_logging
 
     cfg = load_config(args.config)
     configure_logging(args.log_level or cfg.log.level, args.log_format or cfg.log.format)
-    run = _daemon_run()
     try:
         return int(run_async(run, cfg))
     except KeyboardInterrupt:
@@ -401,7 +393,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Python would complain again when it flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
-
-
-if __name__ == "__main__":
-    sys.exit(main())

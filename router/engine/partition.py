@@ -35,14 +35,14 @@ from contracts.events import DECODERS, encode_event
 from contracts.exceptions import ExceptionEvent, exception_id, exception_subject
 from contracts.rules import SEVERITY
 from contracts.times import ns_to_us, rfc3339, to_us
-from router import streams
-from router.keyfilter import KeyFilter
-from router.recovery import StoredEffects
-from router.timers import Timers
+from router.engine.keyfilter import KeyFilter
+from router.engine.timers import Timers
+from router.jetstream import streams
+from router.jetstream.recovery import StoredEffects
 from snapshots import ActorRecord
 
 if TYPE_CHECKING:
-    from router.runtime import Runtime
+    from router.engine.daemon import Runtime
 
 log = structlog.get_logger()
 

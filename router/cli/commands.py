@@ -18,7 +18,8 @@ import anyio.lowlevel
 from contracts.config import Config, load_config
 from contracts.decode import DecodeError, decode_event
 from contracts.events import KEY_PATTERN, KINDS
-from router.cli_common import (
+from router.cli.client import ClientError, ServerURL, connect, resolve_server
+from router.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     UsageError,
@@ -26,7 +27,6 @@ from router.cli_common import (
     run_async,
     until_interrupted,
 )
-from router.client import ClientError, ServerURL, connect, resolve_server
 
 _KEY_RE: Final = re.compile(KEY_PATTERN)
 
@@ -367,7 +367,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if getattr(args, name) < 0:
             raise UsageError(f"--{name} must not be negative")
     cfg, server = _client_setup(args)
-    from router.simulate import Tally, workload
+    from router.workload import Tally, workload
 
     count = int(args.rate * args.duration) if args.duration else None
     now_us = time.time_ns() // 1000

@@ -16,7 +16,7 @@ from nats.errors import Error as NatsError
 from nats.errors import NoServersError
 
 from contracts.config import Config
-from router.embedded import read_url_file, url_file
+from router.jetstream.embedded import read_url_file, url_file
 
 DEFAULT_CONNECT_TIMEOUT = 2.0
 

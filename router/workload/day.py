@@ -1,29 +1,4 @@
-"""A seeded, realistic operations day of a D2C brand as (subject, payload) pairs, for `router simulate`.
-
-`workload(seed, now_us=...)` is pure: the same seed, time base and parameters give the same
-bytes, so tests and benchmarks can replay it. Event times advance by `1 / rate` seconds per
-message from `now_us`; published at `rate` messages per second from `now_us`, they follow
-the wall clock.
-
-What it models:
-
-- SKUs stocked at a few warehouses and dark stores (BLR-DS-4, DEL-WH-1, ...). Orders follow a
-  long-tailed popularity; each is picked a few seconds later or, rarely, cancelled. A
-  planner reorders when stock runs down, so stock mostly sits in the tens to hundreds.
-  Returns, cycle counts and damage adjustments come in between.
-- Shipments booked with a promise a few minutes ahead, then picked up, scanned through
-  hubs, out for delivery and delivered; some are delayed past the promise, fail a
-  delivery attempt, stall, or (cold chain, 2-8 C) see a temperature excursion.
-- Campaigns started with linked SKUs, then spend and conversions; most convert well, a few
-  have a CPA limit or budget that they trip.
-- Unless `scenario=False`, a scripted first minute so that a new user sees exceptions
-  fire: a hot serum at one dark store that sells out (low stock, stockout, oversold) while a
-  campaign promotes it, a campaign over its CPA limit, a flash sale that exhausts its budget,
-  a delayed shipment, a cold-chain excursion, a failed delivery, a shipment that misses its
-  promise, and a return spike on a kurta that runs small. Most of it clears by minute two.
-- With `bad_share`, that share of messages is bad input: malformed JSON, wrong field types,
-  unknown event types, bad subjects.
-"""
+"""The simulation state of one operations day; `Day.run()` yields (subject, payload) pairs."""
 
 from __future__ import annotations
 
@@ -32,100 +7,32 @@ import heapq
 import itertools
 import math
 import random
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import msgspec
 
-from contracts.decode import DecodeError, decode_event
 from contracts.times import rfc3339
-
-SEC: Final = 1_000_000
-
-Item = tuple[str, bytes]
-Payload = dict[str, Any]
-
-LOCATIONS: Final = (
-    "BLR-DS-4",
-    "BLR-DS-7",
-    "BLR-WH-1",
-    "DEL-WH-1",
-    "DEL-DS-2",
-    "MUM-DS-2",
-    "MUM-WH-1",
-    "HYD-DS-1",
-    "PUN-DS-3",
-    "CHN-WH-1",
+from router.workload.catalog import (
+    CAMPAIGN_NAMES,
+    CARRIERS,
+    DESTINATIONS,
+    FAIL_REASONS,
+    HOT_LOCATION,
+    HOT_SKU,
+    HUBS,
+    LOCATIONS,
+    RETURN_REASONS,
+    RETURN_SHARE,
+    SEC,
+    SPIKE_SKU,
+    Item,
+    Payload,
+    sku_keys,
 )
-HUBS: Final = ("BLR-HUB-2", "DEL-HUB-1", "MUM-HUB-3", "HYD-HUB-1", "NAG-HUB-1", "KOL-HUB-2")
-CARRIERS: Final = ("Delhivery", "BlueDart", "Shadowfax", "Ekart", "XpressBees", "DTDC")
-DESTINATIONS: Final = ("560034", "560102", "110017", "400050", "500081", "411014", "600040", "700091")
-RETURN_REASONS: Final = ("size_mismatch", "damaged", "not_as_described", "changed_mind", "late_delivery")
-FAIL_REASONS: Final = ("customer_unreachable", "address_incomplete", "premises_closed", "refused_cod")
-
-# (product, variants): SKU keys are PRODUCT-VARIANT, e.g. TEE-BLK-M, SERUM-VITC-30.
-CATALOG: Final = (
-    ("SERUM-VITC", ("30", "50")),
-    ("KURTA-IND", ("S", "M", "L", "XL")),
-    ("TEE-BLK", ("S", "M", "L", "XL")),
-    ("TEE-WHT", ("S", "M", "L", "XL")),
-    ("SUNSCREEN-SPF50", ("50", "100")),
-    ("COFFEE-COLD", ("250", "500")),
-    ("GRANOLA-HNY", ("400", "1KG")),
-    ("PROTEIN-CHOC", ("500", "1KG", "2KG")),
-    ("JOGGER-GRY", ("S", "M", "L", "XL")),
-    ("SNEAKER-WHT", ("7", "8", "9", "10")),
-    ("BOTTLE-STEEL", ("750", "1L")),
-    ("SHAMPOO-ONION", ("200", "400")),
-    ("FACEWASH-NEEM", ("100", "150")),
-    ("KAJAL-BLK", ("STD",)),
-    ("HOODIE-NVY", ("M", "L", "XL")),
-    ("DRESS-FLR", ("XS", "S", "M", "L")),
-    ("SOCKS-ANK", ("3PK", "6PK")),
-    ("TOTE-CNV", ("STD",)),
-    ("LIPBALM-BRY", ("STD",)),
-    ("CHAI-MASALA", ("250", "500")),
-)
-CAMPAIGN_NAMES: Final = (
-    "MONSOON-TEES",
-    "INSTA-REELS",
-    "GOOGLE-PMAX",
-    "FESTIVE-KURTA",
-    "COFFEE-SUBS",
-    "SKINCARE-SAVER",
-    "RUN-CLUB",
-    "META-LOOKALIKE",
-    "YT-SHORTS",
-    "APP-INSTALLS",
-    "EOSS-SALE",
-    "GIFTING",
-)
-
-# The scripted first minute (scenario=True).
-HOT_SKU: Final = "SERUM-VITC-30"
-HOT_LOCATION: Final = "BLR-DS-4"
-SPIKE_SKU: Final = "KURTA-IND-L"
-
-# Returns stay below this share of the units picked (the return_spike ratio is 0.2).
-RETURN_SHARE: Final = 0.08
 
 _ENCODE: Final = msgspec.json.Encoder().encode
-
-
-def sku_keys(n: int) -> list[str]:
-    """`n` SKU keys from the catalog (with a batch suffix beyond it); the scripted two first."""
-    base = [f"{p}-{v}" for p, vs in CATALOG for v in vs]
-    first = [HOT_SKU, SPIKE_SKU]
-    base = first + [k for k in base if k not in first]
-    out = base[:n]
-    batch = 2
-    while len(out) < n:
-        out.extend(f"{k}-B{batch}" for k in base[: n - len(out)])
-        batch += 1
-    return out
-
 
 @dataclass
 class _Stock:
@@ -155,7 +62,7 @@ class _Campaign:
 
 
 @dataclass
-class _Shipment:
+class Shipment:
     key: str
     promised_by: int
     cold: bool
@@ -169,7 +76,7 @@ class _Due:
     action: Callable[[int], Item | None] = field(compare=False)
 
 
-class _Day:
+class Day:
     """The simulation state; `run()` yields messages. Only list/dict iteration: deterministic."""
 
     def __init__(
@@ -182,6 +89,7 @@ class _Day:
         campaigns: int,
         bad_share: float,
         scenario: bool,
+        incidents: Callable[[Day, int], int] | None = None,
     ) -> None:
         if rate <= 0:
             raise ValueError("rate must be > 0")
@@ -193,6 +101,7 @@ class _Day:
         self.rate = rate
         self.bad_share = bad_share
         self.scenario = scenario
+        self.incidents = incidents  # schedules the scripted first minute; returns campaigns started
         self.target_shipments = max(0, shipments)
         self.n_campaigns = max(0, campaigns)
         self.queue: list[_Due] = []
@@ -228,7 +137,7 @@ class _Day:
         self.returned_units: dict[str, int] = {}
         self.campaigns: dict[str, _Campaign] = {}
         self.active_campaigns: list[str] = []
-        self.shipments: dict[str, _Shipment] = {}
+        self.shipments: dict[str, Shipment] = {}
 
     # --- plumbing --------------------------------------------------------------------
 
@@ -281,10 +190,10 @@ class _Day:
                 qty = st.reorder_qty + rng.randint(0, st.reorder_qty)
                 if self.scenario and key == HOT_SKU:
                     qty = 14
-                self.at(t0, self._receive(key, loc, qty))
+                self.at(t0, self.receive(key, loc, qty))
         n_script = 0
         if self.scenario:
-            n_script = self.script(t0)
+            n_script = self.incidents(self, t0) if self.incidents is not None else 0
         for j in range(max(0, self.n_campaigns - n_script)):
             self.at(t0 + SEC + j * SEC // 4, lambda t: self.start_campaign(t))
 
@@ -309,7 +218,7 @@ class _Day:
 
     # --- sku -------------------------------------------------------------------------
 
-    def _receive(self, key: str, loc: str, qty: int) -> Callable[[int], Item]:
+    def receive(self, key: str, loc: str, qty: int) -> Callable[[int], Item]:
         def run(t: int) -> Item:
             st = self.stock[key][loc]
             st.on_hand += qty
@@ -326,7 +235,7 @@ class _Day:
         rng = self.rng
         # Most replenishments arrive within half a minute; some suppliers are slow.
         lead = rng.uniform(8, 30) if rng.random() < 0.85 else rng.uniform(60, 240)
-        self.at(t + int(lead * SEC), self._receive(key, loc, st.reorder_qty))
+        self.at(t + int(lead * SEC), self.receive(key, loc, st.reorder_qty))
 
     def order(self, t: int, key: str | None = None, loc: str | None = None, qty: int | None = None) -> Item:
         rng = self.rng
@@ -346,13 +255,13 @@ class _Day:
         st.reserved += qty
         oid = f"ORD-{next(self.order_n):07d}"
         if not forced and rng.random() < 0.04:
-            self.at(t + int(rng.uniform(1, 10) * SEC), self._cancel(key, loc, qty, oid))
+            self.at(t + int(rng.uniform(1, 10) * SEC), self.cancel(key, loc, qty, oid))
         elif not forced:
-            self.at(t + int(rng.uniform(2, 20) * SEC), self._pick(key, loc, qty, oid))
+            self.at(t + int(rng.uniform(2, 20) * SEC), self.pick(key, loc, qty, oid))
         self.reorder(key, loc, t)
         return self.emit("sku", key, t, "ordered", location=loc, qty=qty, order_id=oid)
 
-    def _pick(self, key: str, loc: str, qty: int, oid: str) -> Callable[[int], Item]:
+    def pick(self, key: str, loc: str, qty: int, oid: str) -> Callable[[int], Item]:
         def run(t: int) -> Item:
             st = self.stock[key][loc]
             st.on_hand -= qty
@@ -363,7 +272,7 @@ class _Day:
 
         return run
 
-    def _cancel(self, key: str, loc: str, qty: int, oid: str) -> Callable[[int], Item]:
+    def cancel(self, key: str, loc: str, qty: int, oid: str) -> Callable[[int], Item]:
         def run(t: int) -> Item:
             st = self.stock[key][loc]
             st.reserved = max(0, st.reserved - qty)
@@ -536,7 +445,7 @@ class _Day:
                 ("on_time", "delayed", "failed_once", "rto", "stuck", "late"),
                 weights=(80, 10, 5, 1.5, 1.5, 2),
             )[0]
-        s = _Shipment(key=key, promised_by=promised, cold=cold)
+        s = Shipment(key=key, promised_by=promised, cold=cold)
         self.shipments[key] = s
         self.plan(s, t, window * SEC, outcome)
         fields: Payload = {
@@ -550,13 +459,13 @@ class _Day:
             fields["temp_min"], fields["temp_max"] = 2.0, 8.0
         return self.emit("shipment", key, t, "booked", **fields)
 
-    def plan(self, s: _Shipment, t0: int, w: float, outcome: str) -> None:
+    def plan(self, s: Shipment, t0: int, w: float, outcome: str) -> None:
         """Schedule a shipment's scans as fractions of its promise window `w` (microseconds)."""
         rng = self.rng
 
         def at(frac: float, etype: str, **fields: Any) -> None:
             jitter = rng.uniform(-0.02, 0.02)
-            self.at(t0 + int(max(0.01, frac + jitter) * w), self._scan(s.key, etype, fields))
+            self.at(t0 + int(max(0.01, frac + jitter) * w), self.scan(s.key, etype, fields))
 
         at(0.08, "picked_up", location=rng.choice(LOCATIONS))
         hops = rng.randint(1, 3)
@@ -575,7 +484,7 @@ class _Day:
                 at(0.42, "temperature", celsius=round(rng.uniform(3.0, 6.0), 1))
         if outcome == "stuck":
             # No scan after the hubs: the promise passes (sla_breached by timer).
-            self.at(s.promised_by + 30 * SEC, self._forget(s.key))
+            self.at(s.promised_by + 30 * SEC, self.forget(s.key))
             return
         if outcome == "delayed":
             late = int(rng.uniform(0.15, 0.5) * w)
@@ -586,25 +495,25 @@ class _Day:
                 reason=rng.choice(("weather", "hub_congestion", "vehicle_breakdown")),
             )
             at(0.9, "out_for_delivery")
-            self.at(s.promised_by + late, self._scan(s.key, "delivered", {}, final=True))
+            self.at(s.promised_by + late, self.scan(s.key, "delivered", {}, final=True))
             return
         at(0.7, "out_for_delivery", eta=rfc3339(eta))
         if outcome in ("failed_once", "rto"):
             at(0.78, "delivery_failed", reason=rng.choice(FAIL_REASONS))
             if outcome == "rto":
-                self.at(t0 + int(0.8 * w), self._forget(s.key))
+                self.at(t0 + int(0.8 * w), self.forget(s.key))
                 return
             at(0.86, "out_for_delivery")
         if outcome == "late":
             # No delay notice: delivered after the promise (sla_breached when it arrives).
             self.at(
                 s.promised_by + int(rng.uniform(0.05, 0.2) * w),
-                self._scan(s.key, "delivered", {}, final=True),
+                self.scan(s.key, "delivered", {}, final=True),
             )
             return
-        self.at(t0 + int(rng.uniform(0.9, 0.97) * w), self._scan(s.key, "delivered", {}, final=True))
+        self.at(t0 + int(rng.uniform(0.9, 0.97) * w), self.scan(s.key, "delivered", {}, final=True))
 
-    def _scan(self, key: str, etype: str, fields: Payload, final: bool = False) -> Callable[[int], Item]:
+    def scan(self, key: str, etype: str, fields: Payload, final: bool = False) -> Callable[[int], Item]:
         def run(t: int) -> Item:
             if final:
                 self.shipments.pop(key, None)
@@ -612,156 +521,11 @@ class _Day:
 
         return run
 
-    def _forget(self, key: str) -> Callable[[int], None]:
+    def forget(self, key: str) -> Callable[[int], None]:
         def run(t: int) -> None:
             self.shipments.pop(key, None)
 
         return run
-
-    # --- the scripted first minute ---------------------------------------------------
-
-    def script(self, t0: int) -> int:
-        """Schedule the demo incidents; return how many campaigns it starts."""
-        rng = self.rng
-        s = SEC
-        other = next(k for k in self.ranked if k not in (HOT_SKU, SPIKE_SKU))
-
-        # A hot serum with 14 units at one dark store, promoted by a campaign, sells out;
-        # two orders race past zero (oversold) and are cancelled; a restock clears it all.
-        self.held[HOT_SKU] = True
-        self.at(
-            t0 + s,
-            lambda t: self.start_campaign(
-                t, "CMP-GLOW-SERUM", [HOT_SKU, other], cpa_limit=400.0, true_cpa=45.0
-            ),
-        )
-        for k in range(16):
-
-            def hot_order(t: int, k: int = k) -> Item:
-                item = self.order(t, HOT_SKU, HOT_LOCATION, 1)
-                oid = msgspec.json.decode(item[1])["order_id"]
-                if k < 14:
-                    self.at(t + int(rng.uniform(2, 5) * s), self._pick(HOT_SKU, HOT_LOCATION, 1, oid))
-                else:
-                    self.at(t0 + 30 * s + k * s // 10, self._cancel(HOT_SKU, HOT_LOCATION, 1, oid))
-                return item
-
-            self.at(t0 + 3 * s + k * 11 * s // 10, hot_order)
-        self.at(t0 + 48 * s, self._receive(HOT_SKU, HOT_LOCATION, 60))
-        self.at(t0 + 50 * s, self._release(HOT_SKU))
-
-        # Retargeting with poor conversion: over its CPA limit once spend passes 100.
-        self.at(
-            t0 + s + s // 10,
-            lambda t: self.start_campaign(t, "CMP-RETARGET-CART", [other], cpa_limit=120.0, true_cpa=350.0),
-        )
-        for k in range(14):
-            self.at(
-                t0 + 2 * s + k * 8 * s // 10, lambda t: self.campaign_activity(t, "CMP-RETARGET-CART", 9.5)
-            )
-
-        # A flash sale that spends its budget in about half a minute.
-        self.at(
-            t0 + s + s // 5,
-            lambda t: self.start_campaign(t, "CMP-FLASH-SALE", [other], budget=250.0, true_cpa=40.0),
-        )
-        for k in range(36):
-            self.at(t0 + 5 * s + k * 8 * s // 10, lambda t: self.campaign_activity(t, "CMP-FLASH-SALE", 12.0))
-
-        # Shipments: delayed past the promise, a cold-chain excursion, a failed attempt,
-        # and one that never moves again after pickup (missed promise, by timer).
-        self.at(
-            t0 + s // 2,
-            lambda t: self._demo_shipment(
-                t,
-                "SHP-DEMO-DELAY",
-                150,
-                [
-                    (4, "picked_up", {"location": "DEL-WH-1"}),
-                    (8, "in_transit", {"location": "DEL-HUB-1", "eta": rfc3339(t0 + 140 * s)}),
-                    (14, "delayed", {"eta": rfc3339(t0 + 240 * s), "reason": "hub_congestion"}),
-                    (200, "out_for_delivery", {}),
-                    (240, "delivered", {}),
-                ],
-            ),
-        )
-        self.at(
-            t0 + s,
-            lambda t: self._demo_shipment(
-                t,
-                "SHP-DEMO-COLD",
-                120,
-                [
-                    (3, "picked_up", {"location": "BLR-WH-1"}),
-                    (6, "temperature", {"celsius": 4.1}),
-                    (20, "temperature", {"celsius": 9.8}),
-                    (35, "temperature", {"celsius": 5.2}),
-                    (50, "in_transit", {"location": "BLR-HUB-2"}),
-                    (80, "out_for_delivery", {}),
-                    (95, "delivered", {}),
-                ],
-                cold=True,
-            ),
-        )
-        self.at(
-            t0 + 3 * s // 2,
-            lambda t: self._demo_shipment(
-                t,
-                "SHP-DEMO-NDR",
-                150,
-                [
-                    (5, "picked_up", {"location": "MUM-WH-1"}),
-                    (12, "in_transit", {"location": "MUM-HUB-3"}),
-                    (25, "out_for_delivery", {}),
-                    (32, "delivery_failed", {"reason": "customer_unreachable"}),
-                    (70, "out_for_delivery", {}),
-                    (80, "delivered", {}),
-                ],
-            ),
-        )
-        self.at(
-            t0 + 2 * s,
-            lambda t: self._demo_shipment(
-                t,
-                "SHP-DEMO-STUCK",
-                45,
-                [
-                    (5, "picked_up", {"location": "HYD-DS-1"}),
-                    (9, "in_transit", {"location": "NAG-HUB-1"}),
-                ],
-            ),
-        )
-
-        # A kurta that runs small: a dozen returns in half a minute.
-        for k in range(12):
-            self.at(t0 + 20 * s + 2 * k * s, lambda t: self.returned(t, SPIKE_SKU, "size_runs_small"))
-        return 3
-
-    def _release(self, key: str) -> Callable[[int], None]:
-        def run(t: int) -> None:
-            self.held.pop(key, None)
-
-        return run
-
-    def _demo_shipment(
-        self, t: int, key: str, window_s: int, scans: list[tuple[int, str, Payload]], cold: bool = False
-    ) -> Item:
-        promised = self.now_us + window_s * SEC
-        self.shipments[key] = _Shipment(key=key, promised_by=promised, cold=cold)
-        for offset, etype, scan in scans:
-            final = etype == "delivered"
-            self.at(self.now_us + offset * SEC, self._scan(key, etype, scan, final=final))
-        fields: Payload = {
-            "promised_by": rfc3339(promised),
-            "carrier": self.rng.choice(CARRIERS),
-            "origin": "DEL-WH-1",
-            "destination": self.rng.choice(DESTINATIONS),
-        }
-        if cold:
-            fields["temp_min"], fields["temp_max"] = 2.0, 8.0
-        if not scans or scans[-1][1] != "delivered":
-            self.at(promised + 30 * SEC, self._forget(key))
-        return self.emit("shipment", key, t, "booked", **fields)
 
     # --- bad input -------------------------------------------------------------------
 
@@ -796,62 +560,3 @@ class _Day:
             return f"events.pallet.{loc}", _ENCODE({"type": "received", "ts": ts, "qty": 4})
         # too many tokens
         return f"{sku}.extra", _ENCODE({"type": "received", "ts": ts, "location": loc, "qty": 4})
-
-
-def workload(
-    seed: int = 0,
-    *,
-    now_us: int,
-    count: int | None = None,
-    rate: float = 200.0,
-    skus: int = 60,
-    shipments: int = 2000,
-    campaigns: int = 8,
-    bad_share: float = 0.0,
-    scenario: bool = True,
-) -> Iterator[Item]:
-    """(subject, payload) pairs of a brand's operations, deterministic for its arguments.
-
-    `now_us` is the time base (epoch microseconds) and message i has `ts` at
-    `now_us + i / rate` seconds. `count=None` runs forever. `skus` SKUs (the two scripted
-    ones included when `scenario`), about `shipments` shipments under way at once,
-    `campaigns` campaigns running. `bad_share` of the messages are bad input.
-    """
-    day = _Day(seed, now_us, rate, skus, shipments, campaigns, bad_share, scenario)
-    return day.run(count)
-
-
-@dataclass
-class Tally:
-    """What was sent: counts per kind and type, and bad input per dead-letter reason."""
-
-    good: Counter[tuple[str, str]] = field(default_factory=Counter)
-    bad: Counter[str] = field(default_factory=Counter)
-
-    def add(self, subject: str, data: bytes) -> None:
-        try:
-            kind, _key, event = decode_event(subject, data)
-        except DecodeError as exc:
-            self.bad[exc.code] += 1
-            return
-        self.good[(kind, type(event).__struct_config__.tag)] += 1
-
-    @property
-    def total(self) -> int:
-        return sum(self.good.values()) + sum(self.bad.values())
-
-    def lines(self) -> list[str]:
-        """A readable summary, one line per kind and one for bad input."""
-        out: list[str] = []
-        kinds: dict[str, Counter[str]] = {}
-        for (kind, etype), n in self.good.items():
-            kinds.setdefault(kind, Counter())[etype] = n
-        for kind in ("sku", "shipment", "campaign"):
-            if kind in kinds:
-                c = kinds[kind]
-                detail = ", ".join(f"{t} {n}" for t, n in c.most_common())
-                out.append(f"  {kind:<9} {sum(c.values()):>8}  ({detail})")
-        if self.bad:
-            detail = ", ".join(f"{code} {n}" for code, n in self.bad.most_common())
-            out.append(f"  {'bad':<9} {sum(self.bad.values()):>8}  ({detail})")
-        return out

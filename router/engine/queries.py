@@ -12,10 +12,10 @@ from nats.aio.msg import Msg
 
 import actors
 from contracts.decode import _KEY_RE
-from router.streams import partition_of
+from router.jetstream.streams import partition_of
 
 if TYPE_CHECKING:
-    from router.runtime import Runtime
+    from router.engine.daemon import Runtime
 
 log = structlog.get_logger()
 _ENC = msgspec.json.Encoder()

@@ -24,7 +24,7 @@ from contracts.times import ns_to_us, rfc3339
 from snapshots import ActorRecord
 
 if TYPE_CHECKING:
-    from router.partition import Partition
+    from router.engine.partition import Partition
 
 log = structlog.get_logger()
 

@@ -1,0 +1,5 @@
+"""`python -m router.cli ...` is `router ...`."""
+
+from router.cli.main import main
+
+raise SystemExit(main())
