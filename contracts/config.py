@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -134,16 +135,64 @@ def _key_path(message: str) -> str:
     return path or "(top level)"
 
 
+_MISSING: Final = object()
+
+
+def _value_at(root: object, path: str) -> object:
+    """The value at a dotted key path of a parsed document or a Struct, or _MISSING."""
+    node = root
+    for part in path.split("."):
+        if isinstance(node, dict):
+            node = node.get(part, _MISSING)
+        elif isinstance(node, msgspec.Struct):
+            node = getattr(node, part, _MISSING)
+        else:
+            return _MISSING
+    return node
+
+
+def _toml(value: object) -> str:
+    """How a value is written in TOML (strings quoted), for error messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int, float)):
+        return json.dumps(value, ensure_ascii=False)
+    return repr(value)
+
+
+def _validation_message(exc: msgspec.ValidationError, raw: dict[str, object]) -> str:
+    """`<key.path>: <what is wrong with the value written>, e.g. <key> = <a good value>`.
+
+    msgspec says "Expected `str` matching regex '^[0-9]+...'" for a bad pattern; a user
+    needs the value they wrote and one that works (the key's default) instead.
+    """
+    text = str(exc)
+    path = _key_path(text)
+    value = _value_at(raw, path)
+    default = _value_at(Config(), path)
+    key = path.rsplit(".", 1)[-1]
+    scalar = isinstance(default, (str, int, float)) and not isinstance(default, msgspec.Struct)
+    example = f", e.g. {key} = {_toml(default)}" if scalar else ""
+    if isinstance(default, str) and _DURATION_RE.match(default) and value is not _MISSING:
+        return (
+            f"{path}: {_toml(value)} is not a duration: a string of a number and a unit "
+            f"(us, ms, s, m, h, d) with no space{example}"
+        )
+    if "matching regex" in text and isinstance(value, str):
+        return f"{path}: {_toml(value)} is not a valid name: 1-64 of A-Z a-z 0-9 _ -{example}"
+    return f"{path}: {text}{example}"
+
+
 def config_from_dict(raw: dict[str, object], base_dir: str = "") -> Config:
-    """Validate a parsed TOML document; ConfigError names the key's path."""
+    """Validate a parsed TOML document; ConfigError names the key's path and an example."""
     if "__base_dir__" in raw:
         raise ConfigError("__base_dir__: not a config key")
     try:
         cfg = msgspec.convert({**raw, "__base_dir__": base_dir}, Config)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{_key_path(str(exc))}: {exc}") from None
+        raise ConfigError(_validation_message(exc, raw)) from None
     if cfg.rules.shipment.stall_after and duration_us(cfg.rules.shipment.stall_after) <= 0:
-        raise ConfigError("rules.shipment.stall_after: must be longer than 0")
+        raise ConfigError('rules.shipment.stall_after: must be longer than 0, e.g. stall_after = "6h"')
     url = cfg.nats.url.strip()
     if url != "embedded":
         for part in url.split(","):

@@ -129,3 +129,44 @@ def test_without_a_file_the_defaults_are_used(tmp_path: Path, monkeypatch: pytes
 
 def test_config_is_a_struct_with_defaults() -> None:
     assert Config().rules.shipment.stall_after == "6h"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (
+            {"rules": {"shipment": {"stall_after": "6 hours"}}},
+            'rules.shipment.stall_after: "6 hours" is not a duration: a string of a number and a unit '
+            '(us, ms, s, m, h, d) with no space, e.g. stall_after = "6h"',
+        ),
+        (
+            {"streams": {"max_age": "7days"}},
+            'streams.max_age: "7days" is not a duration: a string of a number and a unit '
+            '(us, ms, s, m, h, d) with no space, e.g. max_age = "7d"',
+        ),
+        (
+            {"snapshots": {"every": 5}},
+            "snapshots.every: 5 is not a duration: a string of a number and a unit "
+            '(us, ms, s, m, h, d) with no space, e.g. every = "5s"',
+        ),
+        (
+            {"streams": {"events": "A.B"}},
+            'streams.events: "A.B" is not a valid name: 1-64 of A-Z a-z 0-9 _ -, e.g. events = "EVENTS"',
+        ),
+        (
+            {"rules": {"shipment": {"stall_after": "0s"}}},
+            'rules.shipment.stall_after: must be longer than 0, e.g. stall_after = "6h"',
+        ),
+    ],
+)
+def test_a_bad_value_is_shown_with_a_good_example_not_a_regex(raw: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw)
+    assert str(info.value) == message
+    assert "regex" not in str(info.value)
+
+
+def test_a_wrong_type_names_an_example_of_the_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"rules": {"sku": {"low_stock_threshold": "5"}}})
+    assert str(info.value).endswith(", e.g. low_stock_threshold = 5")
