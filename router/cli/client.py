@@ -98,8 +98,13 @@ async def connect(
     cfg: Config | None = None,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     name: str = "router-cli",
+    ping_interval: float = 120.0,
 ) -> AsyncIterator[NATS]:
-    """`async with connect(url) as nc:` a connection that does not reconnect, closed on exit."""
+    """`async with connect(url) as nc:` a connection that does not reconnect, closed on exit.
+
+    It is closed when the server goes away (two pings unanswered, `ping_interval` apart,
+    or the socket closed): a subscription's messages then end.
+    """
     if isinstance(server, str):
         server = ServerURL(server, "argument")
     servers = [s.strip() for s in server.url.split(",") if s.strip()]
@@ -120,6 +125,8 @@ async def connect(
                 allow_reconnect=False,
                 max_reconnect_attempts=1,
                 reconnect_time_wait=0.1,
+                ping_interval=ping_interval,
+                max_outstanding_pings=2,
                 error_cb=error_cb,
                 **connect_options(cfg),
             )

@@ -27,6 +27,7 @@ from router.cli.common import (
     run_async,
     until_interrupted,
 )
+from router.jetstream.streams import stores
 
 _KEY_RE: Final = re.compile(KEY_PATTERN)
 
@@ -52,6 +53,22 @@ def _parse_headers(items: Sequence[str]) -> dict[str, str]:
     return headers
 
 
+# The subjects of the events stream (CONTRACT section 1): what the router creates and reads.
+EVENTS_SUBJECTS: Final = ("events.>",)
+
+
+def _outside_events(subject: str, patterns: Sequence[str], stream: str = "") -> str:
+    """Why `subject` may not be published: no stream the router reads stores it."""
+    hint = ""
+    tokens = subject.split(".")
+    if len(tokens) == 2 and tokens[0] in KINDS:
+        hint = f"; did you mean events.{subject}?"
+    return (
+        f"{subject} is outside the events stream {stream}({', '.join(patterns)}): nothing the router reads stores "
+        f"it, so the event would be lost; not published, with or without --force{hint}"
+    )
+
+
 def cmd_pub(args: argparse.Namespace) -> int:
     if args.count < 1:
         raise UsageError("--count must be at least 1")
@@ -67,6 +84,8 @@ def cmd_pub(args: argparse.Namespace) -> int:
         hdrs = {k: v.replace("{{i}}", str(i)) for k, v in headers.items()}
         if args.msg_id:
             hdrs["Nats-Msg-Id"] = args.msg_id.replace("{{i}}", str(i))
+        if not stores(EVENTS_SUBJECTS, subject):
+            raise UsageError(_outside_events(subject, EVENTS_SUBJECTS))
         if not args.force:
             try:
                 decode_event(subject, data)
@@ -84,6 +103,7 @@ def cmd_pub(args: argparse.Namespace) -> int:
 
     async def publish() -> None:
         async with connect(server, cfg=cfg) as nc:
+            await _check_events_stream(nc, cfg, server, [m[0] for m in messages])
             if args.js:
                 from nats.errors import NoRespondersError
                 from nats.errors import TimeoutError as NatsTimeoutError
@@ -115,6 +135,27 @@ def cmd_pub(args: argparse.Namespace) -> int:
 
     run_async(publish)
     return EXIT_OK
+
+
+async def _check_events_stream(nc: Any, cfg: Config, server: ServerURL, subjects: list[str]) -> None:
+    """Refuse subjects the events stream on this server does not store (or no such stream)."""
+    from nats.errors import Error as NatsError
+    from nats.js.errors import NotFoundError
+
+    stream = cfg.streams.events
+    try:
+        info = await nc.jsm().stream_info(stream)
+    except NotFoundError:
+        raise ClientError(
+            f"stream {stream} not found on {server.url}: nothing would store the event, so nothing was "
+            "published; start the router (it creates the stream) or pass --config with its [streams] events"
+        ) from None
+    except (NatsError, TimeoutError):
+        return  # no JetStream API for this user: the subject check above is all there is
+    patterns = list(info.config.subjects or [])
+    for subject in dict.fromkeys(subjects):
+        if not stores(patterns, subject):
+            raise ClientError(_outside_events(subject, patterns, f"{stream} "))
 
 
 def _check_key(key: str) -> None:
@@ -196,7 +237,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
         from nats.js import api
         from nats.js.errors import APIError, NotFoundError
 
-        async with connect(server, cfg=cfg) as nc:
+        # Pings every 5 s: a server that stops answering (not only one that closes the
+        # connection) ends the watch within seconds rather than minutes.
+        async with connect(server, cfg=cfg, ping_interval=5.0) as nc:
             js = nc.jetstream()
             policy = api.DeliverPolicy.ALL if args.all else api.DeliverPolicy.NEW
             try:
@@ -230,6 +273,13 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 seen += 1
                 if args.count and seen >= args.count:
                     return
+            # The messages end only when the subscription or the connection is gone: the
+            # server stopped (a router with the embedded server stops it too) or dropped us.
+            shown = f" after {seen} exception{'s' if seen != 1 else ''}" if seen else ""
+            raise ClientError(
+                f"lost the connection to {server.url}{shown}: the server went away; run `router watch` "
+                "again once the router is back (--all replays the stream from the start)"
+            )
 
     run_async(until_interrupted, tail)
     return EXIT_OK
@@ -248,11 +298,27 @@ def _when(value: Any) -> str:
     return str(value) if value is not None else "?"
 
 
+def dead_letter_number(text: str) -> int:
+    """A dead letter's number as `router dlq list` shows it: `12` or `#12`."""
+    try:
+        value = int(text.strip().removeprefix("#"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a dead-letter number: {text!r} (the #N of `router dlq list`, e.g. 12 or #12)"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"dead-letter numbers start at 1, not {value}")
+    return value
+
+
 def cmd_dlq(args: argparse.Namespace) -> int:
-    if args.action == "show" and args.seq is None:
-        raise UsageError("dlq show needs the DEADLETTER sequence: router dlq show SEQ")
-    if args.action == "list" and args.seq is not None:
-        raise UsageError("dlq list takes no sequence (did you mean `router dlq show SEQ`?)")
+    if args.action == "show" and (args.seq is None) == (args.events_seq is None):
+        raise UsageError(
+            "dlq show needs one dead letter: its number as `router dlq list` shows it (router dlq show 12) "
+            "or the EVENTS sequence of the event (router dlq show --events-seq 105)"
+        )
+    if args.action == "list" and (args.seq is not None or args.events_seq is not None):
+        raise UsageError("dlq list takes no number (did you mean `router dlq show N`?)")
     if args.limit < 1:
         raise UsageError("--limit must be at least 1")
     cfg, server = _client_setup(args)
@@ -262,21 +328,70 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return int(run_async(_dlq_list, cfg, server, stream, args))
 
 
+async def _find_by_events_seq(nc: Any, stream: str, events_seq: int) -> int | None:
+    """The number of the dead letter of EVENTS sequence `events_seq` (its Router-Seq header), or None.
+
+    JetStream has no index on headers: this reads the stream's headers, newest last.
+    """
+    from nats.errors import TimeoutError as NatsTimeoutError
+    from nats.js import api
+
+    info = await nc.jsm().stream_info(stream)
+    if not info.state.messages:
+        return None
+    last = int(info.state.last_seq or 0)
+    config = api.ConsumerConfig(headers_only=True, deliver_policy=api.DeliverPolicy.ALL)
+    sub = await nc.jetstream().subscribe("deadletter.>", stream=stream, ordered_consumer=True, config=config)
+    wanted = str(events_seq)
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=10)
+            except NatsTimeoutError:
+                return None
+            number = int(msg.metadata.sequence.stream)
+            if (msg.headers or {}).get("Router-Seq") == wanted:
+                return number
+            if number >= last or msg.metadata.num_pending == 0:
+                return None
+    finally:
+        await sub.unsubscribe()
+
+
 async def _dlq_show(cfg: Config, server: ServerURL, stream: str, args: argparse.Namespace) -> int:
     from nats.js.errors import NotFoundError
 
     async with connect(server, cfg=cfg) as nc:
+        number = args.seq
+        if args.events_seq is not None:
+            try:
+                number = await _find_by_events_seq(nc, stream, args.events_seq)
+            except NotFoundError:
+                raise ClientError(
+                    f"stream {stream} not found on {server.url}: the router creates it when it starts"
+                ) from None
+            if number is None:
+                raise ClientError(
+                    f"no dead letter of EVENTS sequence {args.events_seq} in {stream} on {server.url}"
+                )
         try:
-            msg = await nc.jsm().get_msg(stream, args.seq)
+            msg = await nc.jsm().get_msg(stream, number)
         except NotFoundError:
-            raise ClientError(f"no message at seq {args.seq} in stream {stream} on {server.url}") from None
+            raise ClientError(
+                f"no dead letter #{number} in stream {stream} on {server.url} "
+                "(`router dlq list` shows the numbers)"
+            ) from None
     data = bytes(msg.data or b"")
     if args.raw:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
         return EXIT_OK
-    print(f"{stream} seq {msg.seq}  subject {msg.subject}  stored {_when(msg.time)}")
-    for name, value in (msg.headers or {}).items():
+    headers = msg.headers or {}
+    print(
+        f"dead letter #{msg.seq} ({stream} seq {msg.seq})  of EVENTS seq {headers.get('Router-Seq', '?')}  "
+        f"subject {msg.subject}  stored {_when(msg.time)}"
+    )
+    for name, value in headers.items():
         print(f"{name}: {value}")
     print(f"payload ({len(data)} bytes):")
     try:
@@ -327,15 +442,20 @@ async def _dlq_list(cfg: Config, server: ServerURL, stream: str, args: argparse.
     print(f"{stream}: {what}; showing the last {shown}" + (" (--limit N for more)" if shown < total else ""))
     for msg in rows:
         h = msg.headers or {}
-        seq = msg.metadata.sequence.stream
+        number = msg.metadata.sequence.stream
         print(
-            f"#{seq:<6} {_when(msg.metadata.timestamp)}  {h.get('Router-Error', '?'):<12} "
-            f"{h.get('Router-Subject', '?')}  (seq {h.get('Router-Seq', '?')})"
+            f"#{number:<6} {_when(msg.metadata.timestamp)}  {h.get('Router-Error', '?'):<12} "
+            f"{h.get('Router-Subject', '?')}  (EVENTS seq {h.get('Router-Seq', '?')})"
         )
         print(f"        {h.get('Router-Detail', '')}")
         trunc = f" (truncated from {h['Router-Truncated']} bytes)" if "Router-Truncated" in h else ""
         print(f"        payload{trunc}: {_preview(bytes(msg.data))}")
-    print("details: router dlq show SEQ", file=sys.stderr)
+    example = rows[-1]
+    print(
+        f"details: router dlq show #N (e.g. router dlq show {example.metadata.sequence.stream}), "
+        f"or by the event: router dlq show --events-seq {(example.headers or {}).get('Router-Seq', 'SEQ')}",
+        file=sys.stderr,
+    )
     return EXIT_OK
 
 

@@ -20,7 +20,16 @@ from contracts.config import Config, ConfigError, load_config
 from contracts.events import KINDS, json_schema
 from router import __version__
 from router.cli.client import ClientError
-from router.cli.commands import cmd_dlq, cmd_pub, cmd_simulate, cmd_state, cmd_watch, rate_arg, share_arg
+from router.cli.commands import (
+    cmd_dlq,
+    cmd_pub,
+    cmd_simulate,
+    cmd_state,
+    cmd_watch,
+    dead_letter_number,
+    rate_arg,
+    share_arg,
+)
 from router.cli.common import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -170,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Try it:\n"
             "  router run                         # embedded nats-server, state in ./data\n"
-            "  router simulate                    # in another terminal: a brand's day at 200/s\n"
-            "  router watch                       # exceptions as they fire\n"
+            "  router watch                       # in a second terminal: exceptions as they fire\n"
+            "  router simulate                    # in a third terminal: a brand's day at 200/s\n"
             "  router state sku SERUM-VITC-30     # one entity's live state\n"
             "\n"
             "Exit codes: 0 done, 1 runtime failure, 2 bad usage or config."
@@ -304,14 +313,24 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Dead letters are events the router could not apply, kept in the DEADLETTER stream with "
             "Router-Error, Router-Detail, Router-Subject and Router-Seq headers. `list` shows the "
-            "latest; `show SEQ` one of them with its headers and full payload."
+            "latest, each with its number (#N, its DEADLETTER sequence) and the EVENTS sequence of the "
+            "event; `show N` shows one with its headers and full payload (`show --events-seq SEQ` finds "
+            "it by the EVENTS sequence, as in the router's log)."
         ),
-        epilog="Examples:\n  router dlq\n  router dlq list --limit 50 --kind sku\n  router dlq show 12",
+        epilog=(
+            "Examples:\n  router dlq\n  router dlq list --limit 50 --kind sku\n  router dlq show 12\n"
+            "  router dlq show --events-seq 105"
+        ),
     )
     p.add_argument(
         "action", nargs="?", choices=["list", "show"], default="list", help="list (default) or show"
     )
-    p.add_argument("seq", nargs="?", type=int, metavar="SEQ", help="DEADLETTER sequence, for show")
+    p.add_argument(
+        "seq", nargs="?", type=dead_letter_number, metavar="N", help="for show: the #N that list shows"
+    )
+    p.add_argument(
+        "--events-seq", type=int, metavar="SEQ", help="for show: the dead letter of this EVENTS sequence"
+    )
     p.add_argument("--limit", type=int, default=20, metavar="N", help="how many of the latest to list (20)")
     p.add_argument("--kind", choices=[*KINDS, "unknown"], help="only dead letters of this kind")
     p.add_argument("--raw", action="store_true", help="show: write only the payload's exact bytes")

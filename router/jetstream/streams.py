@@ -97,6 +97,11 @@ def _covers(have: list[str], need: str) -> bool:
     return False
 
 
+def stores(patterns: list[str] | tuple[str, ...], subject: str) -> bool:
+    """Whether a stream of these subject patterns stores `subject`."""
+    return _covers(list(patterns), subject)
+
+
 async def ensure_streams(jsm: JetStreamManager, cfg: Config) -> dict[str, api.StreamInfo]:
     """Create the three streams when missing; accept them when present and covering our subjects."""
     infos: dict[str, api.StreamInfo] = {}

@@ -314,6 +314,34 @@ def test_pub_force_sends_bad_input_and_reads_stdin(
     assert [m.data for m in stored(nats_server.url, "EVENTS")] == [b"{broken", b'{"type":"delivered"}\n']
 
 
+def test_pub_refuses_subjects_no_stream_stores_even_with_force(
+    nats_server: NatsServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Outside events.> (or outside the server's events stream) an event would be lost: refused, --force or not."""
+    url = nats_server.url
+    code, out, err = run(["pub", "--server", url, "sku.SKU-1", GOOD, "--force"], capsys)
+    assert code == 2
+    assert "sku.SKU-1 is outside the events stream (events.>)" in err
+    assert "with or without --force; did you mean events.sku.SKU-1?" in err
+    assert out == ""
+    code, _, err = run(["pub", "--server", url, "sku.SKU-1", GOOD], capsys)
+    assert code == 2
+    assert "did you mean events.sku.SKU-1?" in err
+    assert "dead-letter" not in err  # the router never sees it: it could not dead-letter it
+    # No events stream on the server: nothing would store it either.
+    code, _, err = run(["pub", "--server", url, "events.sku.SKU-1", GOOD, "--force"], capsys)
+    assert code == 1
+    assert f"stream EVENTS not found on {url}: nothing would store the event, so nothing was published" in err
+    # An events stream of narrower subjects than the router's: what it does not store is refused.
+    add_stream(url, "EVENTS", ["events.sku.>"])
+    code, _, err = run(["pub", "--server", url, "events.campaign.C1", '{"type":"paused"}', "--force"], capsys)
+    assert code == 1
+    assert "events.campaign.C1 is outside the events stream EVENTS (events.sku.>)" in err
+    code, _, err = run(["pub", "--server", url, "events.sku.SKU-1", GOOD], capsys)
+    assert code == 0, err
+    assert [m.subject for m in stored(url, "EVENTS")] == ["events.sku.SKU-1"]
+
+
 # --- state, watch, dlq -----------------------------------------------------------------
 
 
@@ -415,6 +443,63 @@ def test_watch_without_the_stream_is_a_clear_error(
     assert "stream EXCEPTIONS not found" in err
 
 
+def test_watch_says_so_and_exits_1_when_the_server_goes_away(nats_server: NatsServer, tmp_path: Path) -> None:
+    """It used to end silently with status 0, as if it had been asked to stop."""
+    import time
+
+    add_stream(nats_server.url, "EXCEPTIONS", ["exceptions.>"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
+    env.pop("NATS_URL", None)
+    out_path, err_path = tmp_path / "watch.out", tmp_path / "watch.err"
+
+    def wait_for_text(path: Path, text: str) -> None:
+        deadline = time.monotonic() + 30
+        while text not in path.read_text():
+            assert proc.poll() is None, err_path.read_text()
+            assert time.monotonic() < deadline, f"no {text!r} from router watch within 30s"
+            time.sleep(0.05)
+
+    with out_path.open("w") as out_file, err_path.open("w") as err_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "router.cli", "watch", "--server", nats_server.url],
+            stdin=subprocess.DEVNULL,
+            stdout=out_file,
+            stderr=err_file,
+            text=True,
+            env=env,
+        )
+    try:
+        wait_for_text(err_path, "Ctrl-C to stop")
+        anyio.run(_publish_exception, nats_server.url)
+        wait_for_text(out_path, "SKU-1 out of stock")
+        nats_server.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = err_path.read_text()
+    assert proc.returncode == 1, err
+    assert (
+        f"router: lost the connection to {nats_server.url} after 1 exception: the server went away; "
+        "run `router watch` again once the router is back"
+    ) in err
+
+
+async def _publish_exception(url: str) -> None:
+    nc = await nats.connect(url)
+    try:
+        payload = {
+            "id": "sku:SKU-1:stockout:BLR-DS-4:raised:2", "kind": "sku", "key": "SKU-1", "rule": "stockout",
+            "status": "raised", "severity": "critical", "location": "BLR-DS-4", "value": 0, "threshold": 0,
+            "seq": 2, "event_ts": "2026-11-22T18:41:24.512000Z", "detected_at": "2026-11-22T18:41:24.514210Z",
+            "message": "SKU-1 out of stock at BLR-DS-4 (available 0)",
+        }
+        await nc.jetstream().publish("exceptions.sku.stockout.SKU-1", json.dumps(payload).encode())
+    finally:
+        await nc.close()
+
+
 async def _dead_letters(url: str, n: int) -> None:
     nc = await nats.connect(url)
     js = nc.jetstream()
@@ -452,7 +537,7 @@ def test_dlq_list_and_show(nats_server: NatsServer, capsys: pytest.CaptureFixtur
     assert "#4 " in out
     assert "#5 " in out
     assert "#3 " not in out
-    assert "events.sku.A  (seq 105)" in out
+    assert "events.sku.A  (EVENTS seq 105)" in out
     assert "Expected `int`, got `str` - at `$.qty`" in out
     assert 'payload: {"type":"received","qty":"2"}' in out
 
@@ -472,8 +557,33 @@ def test_dlq_list_and_show(nats_server: NatsServer, capsys: pytest.CaptureFixtur
 
     code, _, err = run(["dlq", "show", "99", "--server", url], capsys)
     assert code == 1
-    assert "no message at seq 99" in err
+    assert "no dead letter #99 in stream DEADLETTER" in err
     code, _, err = run(["dlq", "show", "--server", url], capsys)
+    assert code == 2
+
+
+def test_dlq_show_takes_what_dlq_list_shows(nats_server: NatsServer, capsys: pytest.CaptureFixture[str]) -> None:
+    """list names each dead letter by #N and by the EVENTS sequence; show takes either."""
+    url = nats_server.url
+    add_stream(url, "DEADLETTER", ["deadletter.>"])
+    anyio.run(_dead_letters, url, 5)
+    code, out, err = run(["dlq", "list", "--server", url], capsys)
+    assert code == 0
+    row = next(line for line in out.splitlines() if line.startswith("#4 "))
+    assert "events.pallet.B  (EVENTS seq 104)" in row
+    assert "router dlq show #N (e.g. router dlq show 5), or by the event: router dlq show --events-seq 105" in err
+    for argv in (["4"], ["#4"], ["--events-seq", "104"]):
+        code, out, err = run(["dlq", "show", *argv, "--server", url], capsys)
+        assert code == 0, (argv, err)
+        assert out.startswith("dead letter #4 (DEADLETTER seq 4)  of EVENTS seq 104  subject deadletter.unknown")
+        assert "Router-Seq: 104" in out
+    code, _, err = run(["dlq", "show", "--events-seq", "4", "--server", url], capsys)
+    assert code == 1
+    assert "no dead letter of EVENTS sequence 4 in DEADLETTER" in err
+    code, _, err = run(["dlq", "show", "x4", "--server", url], capsys)
+    assert code == 2
+    assert "the #N of `router dlq list`" in err
+    code, _, err = run(["dlq", "show", "4", "--events-seq", "104", "--server", url], capsys)
     assert code == 2
 
 
