@@ -487,14 +487,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if getattr(args, name) < 0:
             raise UsageError(f"--{name} must not be negative")
     cfg, server = _client_setup(args)
-    from router.workload import Tally, workload
+    from router.workload import Tally, operations_day
 
     count = int(args.rate * args.duration) if args.duration else None
     now_us = time.time_ns() // 1000
-    items = workload(
+    day = operations_day(
         args.seed,
         now_us=now_us,
-        count=count,
         rate=args.rate,
         skus=args.skus,
         shipments=args.shipments,
@@ -502,6 +501,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         bad_share=args.bad_share,
         scenario=not args.no_scenario,
     )
+    items = day.run(count)
     tally = Tally()
     seen: Counter[tuple[str, str]] = Counter()
     started = time.monotonic()
@@ -557,6 +557,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 await nc.flush(timeout=10)
 
             interrupted = await until_interrupted(publish)
+            if not args.leave_open:
+                # Close what the day opened (also after Ctrl-C): shipments under way are
+                # delivered and campaigns ended, so no timer of the demo fires later.
+                closing = day.finish()
+                with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+                    for subject, data in closing:
+                        await nc.publish(subject, data)
+                        tally.add(subject, data)
+                    shipped = sum(1 for subject, _ in closing if subject.startswith("events.shipment."))
+                    print(
+                        f"closing the day: {shipped:,} shipments under way delivered, "
+                        f"{len(closing) - shipped:,} campaigns ended (--leave-open keeps them open)",
+                        file=sys.stderr,
+                    )
             finished[0] = time.monotonic()
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                 await nc.flush(timeout=10)

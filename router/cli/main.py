@@ -355,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
             "stores, orders, shipments, campaigns) with wall-clock times, as plain core publishes on "
             "events.<kind>.<key>. The first minute is scripted so that exceptions fire: a hot SKU sells "
             "out while a campaign promotes it, a campaign overshoots its CPA, a flash sale exhausts "
-            "its budget, shipments get delayed, too warm, or miss their promise. Says what it sent."
+            "its budget, shipments get delayed, too warm, or miss their promise. At the end it closes "
+            "what it opened (shipments delivered, campaigns ended) and says what it sent."
         ),
     )
     p.add_argument("--rate", type=rate_arg, default=200.0, metavar="N/s", help="events per second (200)")
@@ -375,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--campaigns", type=int, default=8, metavar="N", help="campaigns running (8)")
     p.add_argument(
         "--no-scenario", action="store_true", help="skip the scripted incidents of the first minute"
+    )
+    p.add_argument(
+        "--leave-open",
+        action="store_true",
+        help="at the end, leave shipments under way and campaigns running (by default they are "
+        "delivered and ended, so no timer fires after the demo)",
     )
     p.add_argument(
         "--progress",

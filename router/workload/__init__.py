@@ -23,6 +23,8 @@ What it models:
   promise, and a return spike on a kurta that runs small. Most of it clears by minute two.
 - With `bad_share`, that share of messages is bad input: malformed JSON, wrong field types,
   unknown event types, bad subjects.
+- `Day.finish()` ends the day clean: shipments still under way are delivered and campaigns
+  ended, so the router is left with no timer to fire (`router simulate` calls it at the end).
 """
 
 from __future__ import annotations
@@ -36,7 +38,22 @@ from router.workload.catalog import HOT_LOCATION, HOT_SKU, SPIKE_SKU, Item, sku_
 from router.workload.day import Day
 from router.workload.script import schedule_incidents
 
-__all__ = ["HOT_LOCATION", "HOT_SKU", "SPIKE_SKU", "Item", "Tally", "sku_keys", "workload"]
+__all__ = ["HOT_LOCATION", "HOT_SKU", "SPIKE_SKU", "Day", "Item", "Tally", "operations_day", "sku_keys", "workload"]
+
+
+def operations_day(
+    seed: int = 0,
+    *,
+    now_us: int,
+    rate: float = 200.0,
+    skus: int = 60,
+    shipments: int = 2000,
+    campaigns: int = 8,
+    bad_share: float = 0.0,
+    scenario: bool = True,
+) -> Day:
+    """The day behind `workload()`: `.run(count)` yields its messages, `.finish()` closes it."""
+    return Day(seed, now_us, rate, skus, shipments, campaigns, bad_share, scenario, schedule_incidents)
 
 
 def workload(
@@ -58,7 +75,16 @@ def workload(
     ones included when `scenario`), about `shipments` shipments under way at once,
     `campaigns` campaigns running. `bad_share` of the messages are bad input.
     """
-    day = Day(seed, now_us, rate, skus, shipments, campaigns, bad_share, scenario, schedule_incidents)
+    day = operations_day(
+        seed,
+        now_us=now_us,
+        rate=rate,
+        skus=skus,
+        shipments=shipments,
+        campaigns=campaigns,
+        bad_share=bad_share,
+        scenario=scenario,
+    )
     return day.run(count)
 
 

@@ -137,7 +137,12 @@ class Day:
         self.returned_units: dict[str, int] = {}
         self.campaigns: dict[str, _Campaign] = {}
         self.active_campaigns: list[str] = []
-        self.shipments: dict[str, Shipment] = {}
+        self.shipments: dict[str, Shipment] = {}  # under way, counted against `shipments`
+        # Booked and not delivered, as the router sees them (forgotten ones too: their
+        # timers are still set there); `finish()` delivers them.
+        self.undelivered: dict[str, Shipment] = {}
+        self.next_us = now_us  # the time of the next message
+        self.finished = False
 
     # --- plumbing --------------------------------------------------------------------
 
@@ -166,8 +171,9 @@ class Day:
         bad_share = self.bad_share
         queue = self.queue
         i = 0
-        while count is None or i < count:
+        while (count is None or i < count) and not self.finished:
             t = self.now_us + int(i * self.step_us)
+            self.next_us = self.now_us + int((i + 1) * self.step_us)
             if bad_share and rng.random() < bad_share:
                 yield self.bad(t)
                 i += 1
@@ -181,6 +187,27 @@ class Day:
                 item = self.spontaneous(t)
             yield item
             i += 1
+
+    def finish(self) -> list[Item]:
+        """Close what the day opened, at the time of the next message onward: every shipment
+        booked and not delivered is delivered, every campaign still running ends.
+
+        Without it a demo leaves work behind in the router: undelivered shipments breach
+        their promise minutes later and stall hours later, each by a timer. After `finish()`
+        nothing is due: the router holds no timer that would fire. `run()` yields nothing more.
+        """
+        self.finished = True
+        self.queue.clear()
+        t = self.next_us
+        items: list[Item] = []
+        for key in list(self.undelivered):
+            items.append(self.scan(key, "delivered", {}, final=True)(t + int(len(items) * self.step_us)))
+        for key in list(self.active_campaigns):
+            item = self._end_campaign(key, replace=False)(t + int(len(items) * self.step_us))
+            if item is not None:
+                items.append(item)
+        self.next_us = t + int(len(items) * self.step_us)
+        return items
 
     def setup(self) -> None:
         t0 = self.now_us
@@ -412,15 +439,15 @@ class Day:
 
         return run
 
-    def _end_campaign(self, key: str) -> Callable[[int], Item | None]:
+    def _end_campaign(self, key: str, replace: bool = True) -> Callable[[int], Item | None]:
         def run(t: int) -> Item | None:
             c = self.campaigns[key]
             if c.ended:
                 return None
             c.ended = True
             self.active_campaigns.remove(key)
-            # A new campaign takes its slot a little later.
-            self.at(t + int(self.rng.uniform(5, 30) * SEC), lambda t2: self.start_campaign(t2))
+            if replace:  # a new campaign takes its slot a little later
+                self.at(t + int(self.rng.uniform(5, 30) * SEC), lambda t2: self.start_campaign(t2))
             return self.emit("campaign", key, t, "ended")
 
         return run
@@ -447,6 +474,7 @@ class Day:
             )[0]
         s = Shipment(key=key, promised_by=promised, cold=cold)
         self.shipments[key] = s
+        self.undelivered[key] = s
         self.plan(s, t, window * SEC, outcome)
         fields: Payload = {
             "promised_by": rfc3339(promised),
@@ -517,6 +545,7 @@ class Day:
         def run(t: int) -> Item:
             if final:
                 self.shipments.pop(key, None)
+                self.undelivered.pop(key, None)
             return self.emit("shipment", key, t, etype, **fields)
 
         return run

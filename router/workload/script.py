@@ -149,7 +149,7 @@ def _demo_shipment(
     day: Day, t: int, key: str, window_s: int, scans: list[tuple[int, str, Payload]], cold: bool = False
 ) -> Item:
     promised = day.now_us + window_s * SEC
-    day.shipments[key] = Shipment(key=key, promised_by=promised, cold=cold)
+    day.shipments[key] = day.undelivered[key] = Shipment(key=key, promised_by=promised, cold=cold)
     for offset, etype, scan in scans:
         final = etype == "delivered"
         day.at(day.now_us + offset * SEC, day.scan(key, etype, scan, final=final))
