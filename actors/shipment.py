@@ -18,7 +18,7 @@ from contracts.events import (
     ShipmentEvent,
     Temperature,
 )
-from contracts.times import rfc3339, to_us
+from contracts.times import rfc3339, rfc3339_opt, to_us
 
 SLA: Final = "sla"
 STALL: Final = "stall"
@@ -244,11 +244,11 @@ def view(state: ShipmentState) -> dict[str, Any]:
     """The `state` object of CONTRACT section 5."""
     return {
         "status": state.status,
-        "promised_by": _opt(state.promised_by),
-        "eta": _opt(state.eta),
-        "last_movement": _opt(state.last_movement),
+        "promised_by": rfc3339_opt(state.promised_by),
+        "eta": rfc3339_opt(state.eta),
+        "last_movement": rfc3339_opt(state.last_movement),
         "temperature": state.temperature,
-        "delivered_at": _opt(state.delivered_at),
+        "delivered_at": rfc3339_opt(state.delivered_at),
         "temp_min": state.temp_min,
         "temp_max": state.temp_max,
         "carrier": state.carrier,
@@ -256,10 +256,6 @@ def view(state: ShipmentState) -> dict[str, Any]:
         "destination": state.destination,
         "order_id": state.order_id,
     }
-
-
-def _opt(us: int | None) -> str | None:
-    return None if us is None else rfc3339(us)
 
 
 _RULES: Final = ("sla_at_risk", "sla_breached", "stalled", "temperature_excursion", "delivery_failed")

@@ -15,8 +15,6 @@ INVALID: Final = "invalid"
 UNKNOWN_TYPE: Final = "unknown_type"
 ACTOR_ERROR: Final = "actor_error"
 
-ERROR_CODES: Final = (BAD_SUBJECT, MALFORMED, INVALID, UNKNOWN_TYPE, ACTOR_ERROR)
-
 _KEY_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,128}\Z")
 _PARTITION_RE: Final = re.compile(r"[0-9]+\Z")
 _KINDS: Final = frozenset(KINDS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Final, Literal, TextIO
+from typing import Final, Literal, TextIO
 
 import structlog
 import structlog.tracebacks
@@ -102,8 +102,3 @@ def configure_logging(level: str = "info", fmt: LogFormat = "auto", *, stream: T
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level_no)
-
-
-def get_logger(**initial: Any) -> Any:
-    """`structlog.get_logger()` with optional bound fields."""
-    return structlog.get_logger(**initial)

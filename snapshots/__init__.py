@@ -13,7 +13,6 @@ from snapshots.store import (
     PartitionMarks,
     Store,
     StoreStats,
-    StreamIdentity,
     Synchronous,
 )
 
@@ -26,6 +25,5 @@ __all__ = [
     "StoreDamagedError",
     "StoreError",
     "StoreStats",
-    "StreamIdentity",
     "Synchronous",
 ]

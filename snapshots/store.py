@@ -84,13 +84,6 @@ class DueTimer(NamedTuple):
     name: str
 
 
-class StreamIdentity(NamedTuple):
-    """The EVENTS stream the store was built from; a different `created` means it was recreated."""
-
-    name: str
-    created: str
-
-
 class StoreStats(msgspec.Struct, frozen=True, kw_only=True):
     actors: int
     timers: int
@@ -157,7 +150,6 @@ DUE_TIMERS_SQL: Final = (
     " WHERE partition = ? AND deadline_us <= ?"
     " ORDER BY deadline_us, kind, key, name LIMIT ?"
 )
-_NEXT_DEADLINE: Final = "SELECT deadline_us FROM timers WHERE partition = ? ORDER BY deadline_us LIMIT 1"
 
 
 class Store:
@@ -246,26 +238,7 @@ class Store:
         """
         return await anyio.to_thread.run_sync(_schema.quarantine_file, Path(path))
 
-    # -- stream identity and partition marks ---------------------------------------------
-
-    async def stream_identity(self) -> StreamIdentity | None:
-        async with self._reading("stream_identity") as db:
-            rows = {
-                str(name): str(value)
-                for name, value in await db.execute_fetchall(
-                    "SELECT name, value FROM meta WHERE name IN ('stream_name', 'stream_created')"
-                )
-            }
-        if "stream_name" not in rows:
-            return None
-        return StreamIdentity(rows["stream_name"], rows.get("stream_created", ""))
-
-    async def set_stream_identity(self, identity: StreamIdentity) -> None:
-        async with self._transaction("set_stream_identity") as db:
-            await db.executemany(
-                "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
-                [("stream_name", identity.name), ("stream_created", identity.created)],
-            )
+    # -- blobs and partition marks ----------------------------------------------------
 
     async def save_blob(self, name: str, value: bytes) -> None:
         """Keep `value` under `name` in the meta table (for caches that may be rebuilt)."""
@@ -326,13 +299,9 @@ class Store:
                 await _put_actors(db, partition, rows)
             await db.execute(_PUT_MARKS, (partition, applied_seq, effects_seq or 0))
 
-    async def write_actor(self, partition: int, actor: ActorRecord) -> None:
-        """Write one actor and replace its timers (after a timer firing is confirmed); marks unchanged."""
-        async with self._transaction("write_actor") as db:
-            await _put_actors(db, partition, [actor])
-
     async def write_actors(self, partition: int, actors: Iterable[ActorRecord]) -> None:
-        """`write_actor` for many in one transaction; marks unchanged."""
+        """Write actors, each replacing its timers, in one transaction (after timer firings are
+        confirmed); marks unchanged."""
         rows = actors if isinstance(actors, Sequence) else list(actors)
         if not rows:
             return
@@ -356,15 +325,6 @@ class Store:
                         found[(kind, key)] = (last_seq, states[offset : offset + n])
                         offset += n
         return found
-
-    async def load_actor(self, kind: str, key: str) -> tuple[int, bytes] | None:
-        async with self._reading("load_actor") as db:
-            rows = list(
-                await db.execute_fetchall(
-                    "SELECT last_seq, state FROM actors WHERE kind = ? AND key = ?", (kind, key)
-                )
-            )
-        return (rows[0][0], rows[0][1]) if rows else None
 
     async def count_actors(self) -> int:
         """Scans the table (without holding up writes): for tooling, not for the event path."""
@@ -391,12 +351,6 @@ class Store:
         async with self._reading("due_timers") as db:
             rows = await db.execute_fetchall(DUE_TIMERS_SQL, (partition, until_us, limit))
         return [DueTimer(*row) for row in rows]
-
-    async def next_deadline(self, partition: int) -> int | None:
-        """The earliest timer deadline of `partition`, or None when it has none."""
-        async with self._reading("next_deadline") as db:
-            rows = list(await db.execute_fetchall(_NEXT_DEADLINE, (partition,)))
-        return int(rows[0][0]) if rows else None
 
     # -- tooling ----------------------------------------------------------------------
 
@@ -440,19 +394,6 @@ class Store:
         if moved:
             problems.append(f"{moved} timers name a partition other than their actor's")
         return problems
-
-    async def reset(self, identity: StreamIdentity | None = None) -> None:
-        """Delete every actor, timer and mark and record `identity`: a rebuild from the stream starts here."""
-        async with self._transaction("reset") as db:
-            await db.execute("DELETE FROM actors")
-            await db.execute("DELETE FROM timers")
-            await db.execute("DELETE FROM partitions")
-            await db.execute("DELETE FROM meta WHERE name IN ('stream_name', 'stream_created')")
-            if identity is not None:
-                await db.executemany(
-                    "INSERT INTO meta (name, value) VALUES (?, ?)",
-                    [("stream_name", identity.name), ("stream_created", identity.created)],
-                )
 
     # -- internals --------------------------------------------------------------------
 

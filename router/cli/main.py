@@ -164,14 +164,10 @@ def cmd_schema(args: argparse.Namespace) -> int:
 # --- the parser ------------------------------------------------------------------------
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="router",
-        formatter_class=_Formatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "ops-router: NATS JetStream events -> per-entity state -> exceptions the moment a "
             "threshold is crossed."
@@ -206,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         parents=[config_opt],
-        formatter_class=_Formatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="run the router daemon until SIGTERM or Ctrl-C",
         description=(
             "Run the router: consume events.>, keep per-entity state, publish exceptions and dead "
@@ -222,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "check-config",
         parents=[config_opt],
-        formatter_class=_Formatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="validate a config and print the effective settings",
         description=(
             "Validate a config file without starting anything and print the effective config "
@@ -236,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "pub",
         parents=[client],
-        formatter_class=_Formatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="publish an event (validated against the contract first)",
         description=(
             "Publish one event like `nats pub` does (a core publish: payload bytes, no headers unless "
@@ -276,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "state",
         parents=[client],
-        formatter_class=_Formatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="show one entity's live state",
         description="Ask the running router for one entity's state (request on router.state.<kind>.<key>).",
     )
@@ -291,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "watch",
         parents=[client],
-        formatter_class=_Formatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="tail exceptions as they fire",
         description=(
             "Tail the EXCEPTIONS stream, one line per exception: time, severity, status, rule, "
@@ -308,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "dlq",
         parents=[client],
-        formatter_class=_Formatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="list or show dead letters (bad input)",
         description=(
             "Dead letters are events the router could not apply, kept in the DEADLETTER stream with "
@@ -338,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "schema",
-        formatter_class=_Formatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="print the JSON Schema of event payloads",
         description="Print the JSON Schema of the event payloads, of every kind or of one.",
     )
@@ -348,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "simulate",
         parents=[client],
-        formatter_class=_Formatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="publish a realistic, seeded stream of a brand's operations",
         description=(
             "Publish a seeded stream of a D2C brand's operations (stock at warehouses and dark "

@@ -9,7 +9,6 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -330,7 +329,3 @@ async def run(cfg: Config, clock: Callable[[], int] = wall_clock_us) -> int:
         log.error("router_failed", error=str(exc))
         return 1
     return 0
-
-
-def url_file(cfg: Config) -> Path:
-    return cfg.data_dir / "nats.url"

@@ -145,16 +145,6 @@ async def position_consumer(
     return await jsm.add_consumer(cfg.streams.events, config)
 
 
-async def consumer_ack_floor(jsm: JetStreamManager, cfg: Config, partition: int) -> int:
-    """The stream sequence the partition's consumer has acknowledged through (0 when none)."""
-    try:
-        info = await jsm.consumer_info(cfg.streams.events, consumer_name(cfg, partition))
-    except NotFoundError:
-        return 0
-    floor = info.ack_floor
-    return int(floor.stream_seq or 0) if floor is not None else 0
-
-
 async def consumer_marks(jsm: JetStreamManager, cfg: Config, partition: int) -> tuple[int, int]:
     """(ack floor, last delivered) stream sequences of the partition's consumer; (0, 0) when none.
 

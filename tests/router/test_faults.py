@@ -21,6 +21,7 @@ import anyio.to_thread
 import nats
 import pytest
 
+from router.jetstream.streams import consumer_marks
 from router.workload import workload
 from tests.support.oracle import read_stream
 from tests.support.procs import (
@@ -198,25 +199,12 @@ def _cause(msg_id: str) -> int | None:
     return int(cause) if cause.isdigit() else None
 
 
-def test_effect_ids_name_their_cause() -> None:
-    from router.jetstream.recovery import effect_cause
-
-    assert effect_cause("dead:17") == 17
-    assert effect_cause("sku:A:stockout:BLR-DS-4:raised:42") == 42
-    assert effect_cause("campaign:C:cpa_exceeded::cleared:7") == 7
-    assert effect_cause("shipment:S:sla_breached::raised:t1795000000000") is None  # a timer
-    assert effect_cause("msg:sku:A:42:sku_out_of_stock:campaign:C") == 42
-    assert effect_cause("msg:shipment:S:t17:x:y:z") is None
-    assert effect_cause("p-1") is None
-
-
 async def stored_beyond_ack_floor(url: str, cfg: Any) -> int:
     """How many effects in EXCEPTIONS and DEADLETTER were caused by events above the consumer's ack floor:
     stored, but not acknowledged as such when the router died."""
     nc = await nats.connect(url)
     try:
-        info = await nc.jsm().consumer_info(cfg.streams.events, cfg.router.consumer)
-        floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+        floor = await ack_floor(nc, cfg)
     finally:
         await nc.close()
     n = 0
@@ -228,12 +216,9 @@ async def stored_beyond_ack_floor(url: str, cfg: Any) -> int:
 
 
 async def ack_floor(nc: Any, cfg: Any) -> int:
-    """The consumer's ack floor; 0 while the router is (re)creating the consumer at start."""
-    try:
-        info = await nc.jsm().consumer_info(cfg.streams.events, cfg.router.consumer)
-    except nats.js.errors.NotFoundError:
-        return 0
-    return int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+    """The (single) partition consumer's ack floor; 0 while the router is (re)creating it at start."""
+    floor, _delivered = await consumer_marks(nc.jsm(), cfg, 0)
+    return floor
 
 
 async def freeze_mid_backlog(url: str, cfg: Any, rp: Any, floor: int) -> None:

@@ -31,6 +31,7 @@ from router.engine.daemon import Runtime
 from router.engine.partition import PULL_EXPIRES_NS, Partition
 from tests.support.harness import make_config, publish_all, query_state, running_router, settle, wait_for
 from tests.support.oracle import read_stream
+from tests.support.stored import load_actor
 
 pytestmark = pytest.mark.anyio
 
@@ -403,7 +404,7 @@ async def _stored_state(cfg: Config, kind: str, key: str) -> Any:
 
     store = await Store.open(cfg.snapshot_path)
     try:
-        row = await store.load_actor(kind, key)
+        row = await load_actor(store, kind, key)
     finally:
         await store.close()
     return None if row is None else actors.decode_state(kind, row[1])
@@ -443,7 +444,7 @@ async def test_the_stored_firing_is_the_state_right_after_it(
         held[0]()  # the firing's PubAck arrives now
         p = rt.partitions[0]
         await wait_for(lambda: not p.timers.unconfirmed, 5.0)
-        row = await rt.store.load_actor("shipment", "Y")
+        row = await load_actor(rt.store, "shipment", "Y")
         assert row is not None
         stored = actors.decode_state("shipment", row[1])
         assert row[0] == stored.seq == before
