@@ -47,7 +47,7 @@ R = b'{"type":"received","location":"A","qty":2'  # completed by each case
 
 
 @pytest.mark.parametrize(
-    ("kind", "data", "code", "detail"),
+    ("kind", "data", "code", "where"),
     [
         # malformed comes first, whatever else is wrong
         ("sku", b"\xef\xbb\xbf" + R + b"}", MALFORMED, ""),
@@ -59,74 +59,82 @@ R = b'{"type":"received","location":"A","qty":2'  # completed by each case
         ("sku", R + b',"x":"\\ud800"}', MALFORMED, ""),
         ("sku", b'{"type":"nope","x":"\\ud800"}', MALFORMED, ""),
         ("sku", b'{"qty":2.5,"x":NaN}', MALFORMED, ""),
-        ("sku", R + b',"x":"\xff"}', MALFORMED, "invalid UTF-8"),
-        ("sku", b'{"type":"received","location":"\xc3","qty":2}', MALFORMED, "invalid UTF-8"),
+        ("sku", R + b',"x":"\xff"}', MALFORMED, ""),
+        ("sku", b'{"type":"received","location":"\xc3","qty":2}', MALFORMED, ""),
         ("sku", b'{"type":"nope","x":"\xed\xa0\x80"}', MALFORMED, ""),  # UTF-8 encoded surrogate
         ("sku", b"", MALFORMED, ""),
-        ("sku", b"[]", MALFORMED, "array"),
-        ("sku", b'"received"', MALFORMED, "string"),
-        ("sku", b"null", MALFORMED, "null"),
-        ("sku", R + b"}{}", MALFORMED, "trailing"),
+        ("sku", b"[]", MALFORMED, ""),
+        ("sku", b'"received"', MALFORMED, ""),
+        ("sku", b"null", MALFORMED, ""),
+        ("sku", R + b"}{}", MALFORMED, ""),
         ("sku", R + b"", MALFORMED, ""),
         # then `type` missing or not a string
-        ("sku", b'{"location":"A","qty":2.5}', INVALID, "`type`"),
-        ("sku", b'{"type":null,"qty":"2"}', INVALID, "`type`"),
-        ("sku", b'{"type":7}', INVALID, "`$.type`"),
-        ("sku", b'{"type":["received"]}', INVALID, "`$.type`"),
+        ("sku", b'{"location":"A","qty":2.5}', INVALID, "type"),
+        ("sku", b'{"type":null,"qty":"2"}', INVALID, "type"),
+        ("sku", b'{"type":7}', INVALID, "$.type"),
+        ("sku", b'{"type":["received"]}', INVALID, "$.type"),
         # then an unknown type, even with bad fields
-        ("sku", b'{"type":"shipped","qty":2.5}', UNKNOWN_TYPE, "shipped"),
-        ("sku", b'{"type":"booked"}', UNKNOWN_TYPE, "booked"),  # another kind's type
-        ("campaign", b'{"type":"Spend","amount":1}', UNKNOWN_TYPE, ""),
+        ("sku", b'{"type":"shipped","qty":2.5}', UNKNOWN_TYPE, "$.type"),
+        ("sku", b'{"type":"booked"}', UNKNOWN_TYPE, "$.type"),  # another kind's type
+        ("campaign", b'{"type":"Spend","amount":1}', UNKNOWN_TYPE, "$.type"),
         # then any other field problem
-        ("sku", b'{"type":"received","location":"A","qty":2.5}', INVALID, "`$.qty`"),
-        ("sku", b'{"type":"received","location":"A","qty":2.0}', INVALID, "`$.qty`"),
-        (
-            "sku",
-            b'{"type":"received","location":"A","qty":"2"}',
-            INVALID,
-            "Expected `int`, got `str` - at `$.qty`",
-        ),
-        ("sku", b'{"type":"received","location":"A","qty":true}', INVALID, "`$.qty`"),
-        ("sku", b'{"type":"received","location":"A","qty":0}', INVALID, "`$.qty`"),
-        ("sku", b'{"type":"received","location":"A","qty":null}', INVALID, "`$.qty`"),
-        ("sku", b'{"type":"received","location":"A"}', INVALID, "`qty`"),
-        ("sku", b'{"type":"received","location":"A","qty":9007199254740992}', INVALID, "`$.qty`"),
-        ("sku", b'{"type":"received","location":"A","qty":99999999999999999999999}', INVALID, "`$.qty`"),
-        ("sku", b'{"type":"adjusted","location":"A","delta":-9007199254740992}', INVALID, "`$.delta`"),
-        ("sku", b'{"type":"adjusted","location":"A","delta":0}', INVALID, "`$.delta`"),
-        ("sku", b'{"type":"counted","location":"A","on_hand":-1}', INVALID, "`$.on_hand`"),
-        ("sku", b'{"type":"received","location":"","qty":1}', INVALID, "`$.location`"),
-        ("sku", b'{"type":"received","location":"a\\u0007b","qty":1}', INVALID, "`$.location`"),
-        ("sku", b'{"type":"received","location":"a\\u0085b","qty":1}', INVALID, "`$.location`"),
-        ("sku", b'{"type":"received","location":"' + b"x" * 129 + b'","qty":1}', INVALID, "`$.location`"),
-        ("sku", b'{"type":"picked","location":"A","qty":1,"order_id":5}', INVALID, "`$.order_id`"),
-        ("sku", b'{"type":"campaign_linked","campaign":"a.b"}', INVALID, "`$.campaign`"),
-        ("sku", b'{"type":"campaign_linked","campaign":"' + b"c" * 129 + b'"}', INVALID, "`$.campaign`"),
-        ("sku", R + b',"ts":"2024-01-01T00:00:00"}', INVALID, "`$.ts`"),
-        ("sku", R + b',"ts":"2024-01-01"}', INVALID, "`$.ts`"),
-        ("sku", R + b',"ts":1704067200}', INVALID, "`$.ts`"),
-        ("sku", R + b',"id":5}', INVALID, "`$.id`"),
-        ("shipment", b'{"type":"booked"}', INVALID, "`promised_by`"),
-        ("shipment", b'{"type":"booked","promised_by":null}', INVALID, "`$.promised_by`"),
-        ("shipment", b'{"type":"delayed","eta":"2024-01-01T00:00:00+24:00"}', INVALID, "`$.eta`"),
-        ("shipment", b'{"type":"temperature","celsius":"4"}', INVALID, "`$.celsius`"),
-        ("shipment", b'{"type":"temperature"}', INVALID, "`celsius`"),
-        ("campaign", b'{"type":"spend","amount":0}', INVALID, "`$.amount`"),
-        ("campaign", b'{"type":"spend","amount":-0.0}', INVALID, "`$.amount`"),
-        ("campaign", b'{"type":"conversion","count":0}', INVALID, "`$.count`"),
-        ("campaign", b'{"type":"conversion","count":1.5}', INVALID, "`$.count`"),
-        ("campaign", b'{"type":"conversion","revenue":-0.01}', INVALID, "`$.revenue`"),
-        ("campaign", b'{"type":"started","skus":"S1"}', INVALID, "`$.skus`"),
-        ("campaign", b'{"type":"started","skus":["ok","not ok"]}', INVALID, "`$.skus[1]`"),
-        ("campaign", b'{"type":"started","skus":[' + b",".join([b'"s"'] * 101) + b"]}", INVALID, "`$.skus`"),
-        ("campaign", b'{"type":"sku_out_of_stock"}', INVALID, "`sku`"),
+        ("sku", b'{"type":"received","location":"A","qty":2.5}', INVALID, "$.qty"),
+        ("sku", b'{"type":"received","location":"A","qty":2.0}', INVALID, "$.qty"),
+        ("sku", b'{"type":"received","location":"A","qty":"2"}', INVALID, "$.qty"),
+        ("sku", b'{"type":"received","location":"A","qty":true}', INVALID, "$.qty"),
+        ("sku", b'{"type":"received","location":"A","qty":0}', INVALID, "$.qty"),
+        ("sku", b'{"type":"received","location":"A","qty":null}', INVALID, "$.qty"),
+        ("sku", b'{"type":"received","location":"A"}', INVALID, "qty"),
+        ("sku", b'{"type":"received","location":"A","qty":9007199254740992}', INVALID, "$.qty"),
+        ("sku", b'{"type":"received","location":"A","qty":99999999999999999999999}', INVALID, "$.qty"),
+        ("sku", b'{"type":"adjusted","location":"A","delta":-9007199254740992}', INVALID, "$.delta"),
+        ("sku", b'{"type":"adjusted","location":"A","delta":0}', INVALID, "$.delta"),
+        ("sku", b'{"type":"counted","location":"A","on_hand":-1}', INVALID, "$.on_hand"),
+        ("sku", b'{"type":"received","location":"","qty":1}', INVALID, "$.location"),
+        ("sku", b'{"type":"received","location":"a\\u0007b","qty":1}', INVALID, "$.location"),
+        ("sku", b'{"type":"received","location":"a\\u0085b","qty":1}', INVALID, "$.location"),
+        ("sku", b'{"type":"received","location":"' + b"x" * 129 + b'","qty":1}', INVALID, "$.location"),
+        ("sku", b'{"type":"picked","location":"A","qty":1,"order_id":5}', INVALID, "$.order_id"),
+        ("sku", b'{"type":"campaign_linked","campaign":"a.b"}', INVALID, "$.campaign"),
+        ("sku", b'{"type":"campaign_linked","campaign":"' + b"c" * 129 + b'"}', INVALID, "$.campaign"),
+        ("sku", R + b',"ts":"2024-01-01T00:00:00"}', INVALID, "$.ts"),
+        ("sku", R + b',"ts":"2024-01-01"}', INVALID, "$.ts"),
+        ("sku", R + b',"ts":1704067200}', INVALID, "$.ts"),
+        ("sku", R + b',"id":5}', INVALID, "$.id"),
+        ("shipment", b'{"type":"booked"}', INVALID, "promised_by"),
+        ("shipment", b'{"type":"booked","promised_by":null}', INVALID, "$.promised_by"),
+        ("shipment", b'{"type":"delayed","eta":"2024-01-01T00:00:00+24:00"}', INVALID, "$.eta"),
+        ("shipment", b'{"type":"temperature","celsius":"4"}', INVALID, "$.celsius"),
+        ("shipment", b'{"type":"temperature"}', INVALID, "celsius"),
+        ("campaign", b'{"type":"spend","amount":0}', INVALID, "$.amount"),
+        ("campaign", b'{"type":"spend","amount":-0.0}', INVALID, "$.amount"),
+        ("campaign", b'{"type":"conversion","count":0}', INVALID, "$.count"),
+        ("campaign", b'{"type":"conversion","count":1.5}', INVALID, "$.count"),
+        ("campaign", b'{"type":"conversion","revenue":-0.01}', INVALID, "$.revenue"),
+        ("campaign", b'{"type":"started","skus":"S1"}', INVALID, "$.skus"),
+        ("campaign", b'{"type":"started","skus":["ok","not ok"]}', INVALID, "$.skus[1]"),
+        ("campaign", b'{"type":"started","skus":[' + b",".join([b'"s"'] * 101) + b"]}", INVALID, "$.skus"),
+        ("campaign", b'{"type":"sku_out_of_stock"}', INVALID, "sku"),
     ],
 )
-def test_reasons_and_their_order(kind: str, data: bytes, code: str, detail: str) -> None:
+def test_reasons_and_their_order(kind: str, data: bytes, code: str, where: str) -> None:
+    """The contract is the code and where the problem is (a JSON path, or the missing field);
+    the sentence around them is msgspec's and changes with its releases."""
     with pytest.raises(DecodeError) as info:
         decode_payload(kind, data)
-    assert info.value.code == code, info.value.detail
-    assert detail in info.value.detail
+    detail = info.value.detail
+    assert info.value.code == code, detail
+    assert detail
+    assert "\n" not in detail
+    if where:
+        assert names(detail, where), f"{detail!r} does not name {where!r}"
+
+
+def names(detail: str, where: str) -> bool:
+    """True when `detail` names `where`: a JSON path (`$.skus` is not `$.skus[1]`) or a field."""
+    if where.startswith("$"):
+        return re.search(re.escape(where) + r"(?![\w.\[])", detail) is not None
+    return re.search(r"(?<![\w.$])" + re.escape(where) + r"(?!\w)", detail) is not None
 
 
 @pytest.mark.parametrize(
