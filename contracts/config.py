@@ -70,6 +70,10 @@ class RouterConfig(_Section):
     max_ack_pending: Annotated[int, Meta(ge=100)] = 100_000
     shutdown_timeout: Duration = "15s"
     timer_horizon: Duration = "60s"
+    # Partition ownership (KV `<consumer>_owners`): the owner renews every `lease_renew_every`;
+    # a standby takes a partition over once its record stood still for `lease`.
+    lease: Duration = "10s"
+    lease_renew_every: Duration = "3s"
 
 
 class LogConfig(_Section):
@@ -193,6 +197,7 @@ def config_from_dict(raw: dict[str, object], base_dir: str = "") -> Config:
         raise ConfigError(_validation_message(exc, raw)) from None
     if cfg.rules.shipment.stall_after and duration_us(cfg.rules.shipment.stall_after) <= 0:
         raise ConfigError('rules.shipment.stall_after: must be longer than 0, e.g. stall_after = "6h"')
+    _check_lease(cfg)
     url = cfg.nats.url.strip()
     if url != "embedded":
         for part in url.split(","):
@@ -201,6 +206,19 @@ def config_from_dict(raw: dict[str, object], base_dir: str = "") -> Config:
                     f"nats.url: {part.strip()!r} is not 'embedded' or a nats://host:port URL"
                 )
     return cfg
+
+
+def _check_lease(cfg: Config) -> None:
+    r = cfg.router
+    lease, renew = duration_us(r.lease), duration_us(r.lease_renew_every)
+    if lease < 1_000_000:
+        raise ConfigError(f'router.lease: {r.lease!r} is shorter than 1s; e.g. lease = "10s"')
+    if renew <= 0 or renew * 3 > lease:
+        raise ConfigError(
+            f"router.lease_renew_every: {r.lease_renew_every!r} must be above 0 and at most a third of "
+            f"router.lease ({r.lease!r}), so that two renewals can fail before the lease lapses; "
+            f'e.g. lease = "10s", lease_renew_every = "3s"'
+        )
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:

@@ -1,0 +1,260 @@
+"""Partition ownership records and leases against a real nats-server: compare-and-set, standby,
+takeover when the lease lapses or is released, the fence of a lease that ran out, renewals
+through a lost reply and a NATS outage, and the data-folder lock."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import nats
+import pytest
+
+from contracts.config import ConfigError, config_from_dict
+from router.engine.ownership import (
+    DataDirBusy,
+    InstanceLock,
+    Lease,
+    LeaseLost,
+    Ownership,
+    Timings,
+)
+from router.jetstream.ownership import (
+    OwnerRecord,
+    OwnershipBucket,
+    OwnershipConflict,
+    OwnershipUnavailable,
+)
+
+pytestmark = pytest.mark.anyio
+
+FAST = Timings(lease_s=1.0, renew_s=0.3)
+
+
+@asynccontextmanager
+async def bucket(url: str, name: str = "router_owners", timeout: float = 1.0) -> AsyncIterator[OwnershipBucket]:
+    nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    try:
+        yield await OwnershipBucket.open(nc, name, replicas=1, io_timeout=timeout)
+    finally:
+        await nc.close()
+
+
+async def test_records_change_only_by_compare_and_set(nats_server: Any) -> None:
+    async with bucket(nats_server.url) as b, bucket(nats_server.url) as other:
+        assert await b.read(0) is None
+        rev = await b.create(0, OwnerRecord(owner="a", epoch=1))
+        with pytest.raises(OwnershipConflict):
+            await other.create(0, OwnerRecord(owner="b", epoch=1))
+        held = await other.read(0)
+        assert held is not None
+        assert (held.record.owner, held.record.epoch, held.revision) == ("a", 1, rev)
+        rev2 = await b.replace(0, OwnerRecord(owner="a", epoch=1, renewal=1), rev)
+        assert rev2 > rev
+        with pytest.raises(OwnershipConflict):  # b read revision `rev`, which is gone
+            await other.replace(0, OwnerRecord(owner="b", epoch=2), rev)
+        held = await b.read(0)
+        assert held is not None
+        assert (held.record.owner, held.record.renewal, held.revision) == ("a", 1, rev2)
+        assert await b.read(1) is None  # partitions are separate keys
+
+
+async def test_a_standby_waits_then_takes_over_when_the_lease_lapses(nats_server: Any) -> None:
+    async with bucket(nats_server.url) as ba, bucket(nats_server.url) as bb:
+        a = Ownership(ba, "inst-a", FAST)
+        b = Ownership(bb, "inst-b", FAST)
+        lease_a = await a.acquire(0)
+        assert (lease_a.epoch, lease_a.valid()) == (1, True)
+        got: list[tuple[Lease, float]] = []
+        async with anyio.create_task_group() as tg:
+            keeper = anyio.CancelScope()
+
+            async def keep_a() -> None:
+                with keeper:
+                    await a.keep(lease_a)
+
+            async def standby_b() -> None:
+                lease = await b.acquire(0)
+                got.append((lease, time.monotonic()))
+
+            tg.start_soon(keep_a)
+            tg.start_soon(standby_b)
+            await anyio.sleep(4 * FAST.lease_s)  # four leases of renewals: b must still wait
+            assert not got, "the standby took a partition whose owner kept renewing"
+            assert lease_a.valid()
+            assert b.owners[0] == "inst-a"
+            stopped = time.monotonic()
+            keeper.cancel()  # a stops renewing, as a frozen or dead owner would
+            with anyio.fail_after(FAST.lease_s + FAST.renew_s + 3 * FAST.poll_s + 1):
+                while not got:
+                    await anyio.sleep(0.01)
+        lease_b, taken_at = got[0]
+        assert lease_b.epoch == 2
+        assert lease_b.valid()
+        # The fence: a's deadline had passed, by at least the margin, before b could hold the partition.
+        assert taken_at - lease_a.deadline >= FAST.margin_s - 0.01, (taken_at, lease_a.deadline)
+        assert not lease_a.valid()
+        with pytest.raises(LeaseLost):
+            lease_a.check()
+        took = taken_at - stopped
+        assert FAST.lease_s - FAST.renew_s <= took <= FAST.lease_s + FAST.renew_s + 2 * FAST.poll_s, took
+        # a's next renewal is refused: the record moved on.
+        assert await a.keep(lease_a) in ("expired", "taken")
+        held = await ba.read(0)
+        assert held is not None
+        assert (held.record.owner, held.record.epoch) == ("inst-b", 2)
+
+
+async def test_a_released_lease_is_taken_at_once(nats_server: Any) -> None:
+    async with bucket(nats_server.url) as ba, bucket(nats_server.url) as bb:
+        a = Ownership(ba, "inst-a", Timings(lease_s=30.0, renew_s=3.0))
+        b = Ownership(bb, "inst-b", Timings(lease_s=30.0, renew_s=3.0))
+        lease_a = await a.acquire(3)
+        async with anyio.create_task_group() as tg:
+            got: list[Lease] = []
+
+            async def standby_b() -> None:
+                got.append(await b.acquire(3))
+
+            tg.start_soon(standby_b)
+            await anyio.sleep(0.5)
+            assert not got
+            released = time.monotonic()
+            assert await a.release(lease_a)
+            with anyio.fail_after(5):  # well under the 30 s lease
+                while not got:
+                    await anyio.sleep(0.01)
+            took = time.monotonic() - released
+        assert got[0].epoch == 2
+        assert took < 2.0, took
+        assert not lease_a.valid()
+        with pytest.raises(LeaseLost):
+            lease_a.check()
+
+
+async def test_our_own_record_is_taken_back_at_once(nats_server: Any) -> None:
+    """A record naming this instance was written by a predecessor on the same data folder (the
+    folder's lock proves it dead): no lease to wait out after a crash and restart."""
+    async with bucket(nats_server.url) as b1:
+        first = await Ownership(b1, "inst-a", Timings(lease_s=30.0, renew_s=3.0)).acquire(0)
+    async with bucket(nats_server.url) as b2:
+        started = time.monotonic()
+        again = await Ownership(b2, "inst-a", Timings(lease_s=30.0, renew_s=3.0)).acquire(0)
+        assert time.monotonic() - started < 2.0
+    assert again.epoch == first.epoch + 1
+    assert again.revision > first.revision
+
+
+async def test_two_standbys_one_winner(nats_server: Any) -> None:
+    async with bucket(nats_server.url) as b0, bucket(nats_server.url) as b1, bucket(nats_server.url) as b2:
+        dead = await Ownership(b0, "inst-dead", FAST).acquire(0)
+        leases: dict[str, Lease] = {}
+        async with anyio.create_task_group() as tg:
+            for name, bk in (("inst-b", b1), ("inst-c", b2)):
+
+                async def standby(name: str = name, bk: OwnershipBucket = bk) -> None:
+                    own = Ownership(bk, name, FAST)
+                    leases[name] = lease = await own.acquire(0)
+                    await own.keep(lease)  # the winner renews; the other must keep waiting
+
+                tg.start_soon(standby)
+            with anyio.fail_after(FAST.lease_s * 3 + 2):
+                while not leases:
+                    await anyio.sleep(0.01)
+            await anyio.sleep(FAST.lease_s * 3)
+            tg.cancel_scope.cancel()
+        assert len(leases) == 1, leases
+        (winner,) = leases.values()
+        assert winner.epoch == dead.epoch + 1
+        assert winner.valid()
+
+
+async def test_a_renewal_whose_reply_was_lost_is_recognised(nats_server: Any) -> None:
+    async with bucket(nats_server.url) as b:
+        own = Ownership(b, "inst-a", FAST)
+        lease = await own.acquire(0)
+        # A renewal that was stored while its reply never came back: the revision we hold is stale.
+        await b.replace(0, OwnerRecord(owner="inst-a", epoch=lease.epoch, renewal=7, lease_s=1.0), lease.revision)
+        with anyio.move_on_after(FAST.lease_s * 3):
+            reason = await own.keep(lease)
+            raise AssertionError(f"lease lost ({reason}) after a renewal it wrote itself")
+        assert lease.valid()
+        held = await b.read(0)
+        assert held is not None
+        assert held.revision == lease.revision
+        assert held.record.renewal > 7
+
+
+async def test_nats_away_longer_than_the_lease(nats_server: Any) -> None:
+    async with bucket(nats_server.url, timeout=0.3) as b:
+        own = Ownership(b, "inst-a", FAST)
+        lease = await own.acquire(0)
+        async with anyio.create_task_group() as tg:
+            reasons: list[str] = []
+
+            async def keep() -> None:
+                reasons.append(await own.keep(lease))
+
+            tg.start_soon(keep)
+            await anyio.sleep(FAST.renew_s * 2)
+            assert lease.valid()
+            await anyio.to_thread.run_sync(nats_server.stop)
+            down = time.monotonic()
+            with anyio.fail_after(FAST.lease_s + 2):
+                while not reasons:
+                    await anyio.sleep(0.01)
+            # Unrenewed, the lease ends by its own deadline, not later.
+            assert time.monotonic() - down <= FAST.lease_s
+            assert reasons == ["expired"]
+            with pytest.raises(LeaseLost):
+                lease.check()
+            with pytest.raises(OwnershipUnavailable):
+                await b.read(0)
+            await anyio.to_thread.run_sync(nats_server.start)
+            with anyio.fail_after(10):
+                again = await own.acquire(0)  # our own record: taken back without a lease's wait
+        assert again.epoch == lease.epoch + 1
+
+
+def test_data_folder_lock_and_instance_id(tmp_path: Path) -> None:
+    first = InstanceLock(tmp_path / "data")
+    try:
+        with pytest.raises(DataDirBusy, match="another router"):
+            InstanceLock(tmp_path / "data")
+        ident = first.instance
+        assert ident
+    finally:
+        first.release()
+    second = InstanceLock(tmp_path / "data")
+    try:
+        assert second.instance == ident  # the same data folder is the same instance
+    finally:
+        second.release()
+    other = InstanceLock(tmp_path / "other")
+    try:
+        assert other.instance != ident
+    finally:
+        other.release()
+
+
+@pytest.mark.parametrize(
+    ("router", "key"),
+    [
+        ({"lease": "500ms"}, "router.lease"),
+        ({"lease": "10s", "lease_renew_every": "5s"}, "router.lease_renew_every"),
+        ({"lease_renew_every": "0s"}, "router.lease_renew_every"),
+    ],
+)
+def test_lease_settings_are_checked(router: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{key}: .*e.g. lease"):
+        config_from_dict({"router": router})
+
+
+def test_lease_defaults() -> None:
+    t = Timings.from_config(config_from_dict({}))
+    assert (t.lease_s, t.renew_s) == (10.0, 3.0)
+    assert t.margin_s < t.lease_s - 2 * t.renew_s
