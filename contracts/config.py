@@ -212,11 +212,11 @@ def _check_lease(cfg: Config) -> None:
     r = cfg.router
     lease, renew = duration_us(r.lease), duration_us(r.lease_renew_every)
     if lease < 1_000_000:
-        raise ConfigError(f'router.lease: {r.lease!r} is shorter than 1s; e.g. lease = "10s"')
+        raise ConfigError(f'router.lease: {r.lease!r} is shorter than 1s, e.g. lease = "10s"')
     if renew <= 0 or renew * 3 > lease:
         raise ConfigError(
             f"router.lease_renew_every: {r.lease_renew_every!r} must be above 0 and at most a third of "
-            f"router.lease ({r.lease!r}), so that two renewals can fail before the lease lapses; "
+            f"router.lease ({r.lease!r}), so that two renewals can fail before the lease lapses, "
             f'e.g. lease = "10s", lease_renew_every = "3s"'
         )
 
