@@ -8,7 +8,7 @@ import os
 import re
 import sys
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -35,7 +35,7 @@ _KEY_RE: Final = re.compile(KEY_PATTERN)
 # --- client commands -------------------------------------------------------------------
 
 
-def _client_setup(args: argparse.Namespace) -> tuple[Config, ServerURL]:
+def client_setup(args: argparse.Namespace) -> tuple[Config, ServerURL]:
     from router.logs import configure_logging
 
     cfg = load_config(args.config)
@@ -99,7 +99,7 @@ def cmd_pub(args: argparse.Namespace) -> int:
                 )
                 return EXIT_USAGE
         messages.append((subject, data, hdrs))
-    cfg, server = _client_setup(args)
+    cfg, server = client_setup(args)
 
     async def publish() -> None:
         async with connect(server, cfg=cfg) as nc:
@@ -165,7 +165,7 @@ def _check_key(key: str) -> None:
 
 def cmd_state(args: argparse.Namespace) -> int:
     _check_key(args.key)
-    cfg, server = _client_setup(args)
+    cfg, server = client_setup(args)
     subject = f"router.state.{args.kind}.{args.key}"
 
     async def query() -> bytes:
@@ -229,7 +229,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     subject = _watch_filter(args.filter)
     if not (subject == "exceptions.>" or subject.startswith("exceptions.") or subject in (">", "*.>")):
         raise UsageError(f"filter {args.filter!r} is not under exceptions. (e.g. exceptions.sku.> or sku)")
-    cfg, server = _client_setup(args)
+    cfg, server = client_setup(args)
     use_color = color(sys.stdout)
     stream = cfg.streams.exceptions
 
@@ -285,180 +285,6 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _preview(data: bytes, width: int = 100) -> str:
-    text = data.decode("utf-8", "backslashreplace").replace("\n", "\\n").replace("\r", "\\r")
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def _when(value: Any) -> str:
-    import datetime as dt
-
-    if isinstance(value, dt.datetime):
-        return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return str(value) if value is not None else "?"
-
-
-def dead_letter_number(text: str) -> int:
-    """A dead letter's number as `router dlq list` shows it: `12` or `#12`."""
-    try:
-        value = int(text.strip().removeprefix("#"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not a dead-letter number: {text!r} (the #N of `router dlq list`, e.g. 12 or #12)"
-        ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"dead-letter numbers start at 1, not {value}")
-    return value
-
-
-def cmd_dlq(args: argparse.Namespace) -> int:
-    if args.action == "show" and (args.seq is None) == (args.events_seq is None):
-        raise UsageError(
-            "dlq show needs one dead letter: its number as `router dlq list` shows it (router dlq show 12) "
-            "or the EVENTS sequence of the event (router dlq show --events-seq 105)"
-        )
-    if args.action == "list" and (args.seq is not None or args.events_seq is not None):
-        raise UsageError("dlq list takes no number (did you mean `router dlq show N`?)")
-    if args.limit < 1:
-        raise UsageError("--limit must be at least 1")
-    cfg, server = _client_setup(args)
-    stream = cfg.streams.deadletter
-    if args.action == "show":
-        return int(run_async(_dlq_show, cfg, server, stream, args))
-    return int(run_async(_dlq_list, cfg, server, stream, args))
-
-
-async def _find_by_events_seq(nc: Any, stream: str, events_seq: int) -> int | None:
-    """The number of the dead letter of EVENTS sequence `events_seq` (its Router-Seq header), or None.
-
-    JetStream has no index on headers: this reads the stream's headers, newest last.
-    """
-    from nats.errors import TimeoutError as NatsTimeoutError
-    from nats.js import api
-
-    info = await nc.jsm().stream_info(stream)
-    if not info.state.messages:
-        return None
-    last = int(info.state.last_seq or 0)
-    config = api.ConsumerConfig(headers_only=True, deliver_policy=api.DeliverPolicy.ALL)
-    sub = await nc.jetstream().subscribe("deadletter.>", stream=stream, ordered_consumer=True, config=config)
-    wanted = str(events_seq)
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=10)
-            except NatsTimeoutError:
-                return None
-            number = int(msg.metadata.sequence.stream)
-            if (msg.headers or {}).get("Router-Seq") == wanted:
-                return number
-            if number >= last or msg.metadata.num_pending == 0:
-                return None
-    finally:
-        await sub.unsubscribe()
-
-
-async def _dlq_show(cfg: Config, server: ServerURL, stream: str, args: argparse.Namespace) -> int:
-    from nats.js.errors import NotFoundError
-
-    async with connect(server, cfg=cfg) as nc:
-        number = args.seq
-        if args.events_seq is not None:
-            try:
-                number = await _find_by_events_seq(nc, stream, args.events_seq)
-            except NotFoundError:
-                raise ClientError(
-                    f"stream {stream} not found on {server.url}: the router creates it when it starts"
-                ) from None
-            if number is None:
-                raise ClientError(
-                    f"no dead letter of EVENTS sequence {args.events_seq} in {stream} on {server.url}"
-                )
-        try:
-            msg = await nc.jsm().get_msg(stream, number)
-        except NotFoundError:
-            raise ClientError(
-                f"no dead letter #{number} in stream {stream} on {server.url} "
-                "(`router dlq list` shows the numbers)"
-            ) from None
-    data = bytes(msg.data or b"")
-    if args.raw:
-        sys.stdout.buffer.write(data)
-        sys.stdout.flush()
-        return EXIT_OK
-    headers = msg.headers or {}
-    print(
-        f"dead letter #{msg.seq} ({stream} seq {msg.seq})  of EVENTS seq {headers.get('Router-Seq', '?')}  "
-        f"subject {msg.subject}  stored {_when(msg.time)}"
-    )
-    for name, value in headers.items():
-        print(f"{name}: {value}")
-    print(f"payload ({len(data)} bytes):")
-    try:
-        print(data.decode("utf-8"))
-    except UnicodeDecodeError:
-        print(data.decode("utf-8", "backslashreplace"))
-        print("(not valid UTF-8: shown with \\x escapes; --raw writes the exact bytes)")
-    return EXIT_OK
-
-
-async def _dlq_list(cfg: Config, server: ServerURL, stream: str, args: argparse.Namespace) -> int:
-    from nats.errors import TimeoutError as NatsTimeoutError
-    from nats.js import api
-    from nats.js.errors import NotFoundError
-
-    subject = f"deadletter.{args.kind}" if args.kind else "deadletter.>"
-    async with connect(server, cfg=cfg) as nc:
-        jsm = nc.jsm()
-        try:
-            info = await jsm.stream_info(stream, subjects_filter=subject if args.kind else None)
-        except NotFoundError:
-            raise ClientError(
-                f"stream {stream} not found on {server.url}: the router creates it when it starts"
-            ) from None
-        first, last = int(info.state.first_seq or 0), int(info.state.last_seq or 0)
-        total = sum((info.state.subjects or {}).values()) if args.kind else int(info.state.messages or 0)
-        if total == 0 or last == 0:
-            print(f"no dead letters in {stream}" + (f" for {args.kind}" if args.kind else ""))
-            return EXIT_OK
-        start = max(first, last - args.limit + 1) if not args.kind else first
-        config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
-        sub = await nc.jetstream().subscribe(subject, stream=stream, ordered_consumer=True, config=config)
-        rows: deque[Any] = deque(maxlen=args.limit)
-        try:
-            while True:
-                msg = await sub.next_msg(timeout=10)
-                rows.append(msg)
-                md = msg.metadata
-                if md.num_pending == 0 or md.sequence.stream >= last:
-                    break
-        except NatsTimeoutError:
-            if not rows:
-                raise ClientError(f"no dead letters arrived from {stream} within 10s") from None
-        finally:
-            await sub.unsubscribe()
-    shown = len(rows)
-    what = f"{total} dead letter{'s' if total != 1 else ''}" + (f" for {args.kind}" if args.kind else "")
-    print(f"{stream}: {what}; showing the last {shown}" + (" (--limit N for more)" if shown < total else ""))
-    for msg in rows:
-        h = msg.headers or {}
-        number = msg.metadata.sequence.stream
-        print(
-            f"#{number:<6} {_when(msg.metadata.timestamp)}  {h.get('Router-Error', '?'):<12} "
-            f"{h.get('Router-Subject', '?')}  (EVENTS seq {h.get('Router-Seq', '?')})"
-        )
-        print(f"        {h.get('Router-Detail', '')}")
-        trunc = f" (truncated from {h['Router-Truncated']} bytes)" if "Router-Truncated" in h else ""
-        print(f"        payload{trunc}: {_preview(bytes(msg.data))}")
-    example = rows[-1]
-    print(
-        f"details: router dlq show #N (e.g. router dlq show {example.metadata.sequence.stream}), "
-        f"or by the event: router dlq show --events-seq {(example.headers or {}).get('Router-Seq', 'SEQ')}",
-        file=sys.stderr,
-    )
-    return EXIT_OK
-
-
 def rate_arg(text: str) -> float:
     value = text.strip().removesuffix("/s")
     try:
@@ -486,7 +312,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     for name in ("skus", "shipments", "campaigns"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name} must not be negative")
-    cfg, server = _client_setup(args)
+    cfg, server = client_setup(args)
     from router.workload import Tally, operations_day
 
     count = int(args.rate * args.duration) if args.duration else None

@@ -20,16 +20,7 @@ from contracts.config import Config, ConfigError, load_config
 from contracts.events import KINDS, json_schema
 from router import __version__
 from router.cli.client import ClientError
-from router.cli.commands import (
-    cmd_dlq,
-    cmd_pub,
-    cmd_simulate,
-    cmd_state,
-    cmd_watch,
-    dead_letter_number,
-    rate_arg,
-    share_arg,
-)
+from router.cli.commands import cmd_pub, cmd_simulate, cmd_state, cmd_watch, rate_arg, share_arg
 from router.cli.common import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -40,6 +31,7 @@ from router.cli.common import (
     run_async,
     single_exception,
 )
+from router.cli.dlq import cmd_dlq, dead_letter_number
 
 # --- run, check-config, schema ---------------------------------------------------------
 
