@@ -79,6 +79,8 @@ class RouterConfig(_Section):
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "console", "json"] = "auto"
+    # How often the router logs its one-line `router_summary` at info; "0s" for never.
+    summary_every: Duration = "10s"
 
 
 class SkuRules(_Section):

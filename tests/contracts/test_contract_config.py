@@ -170,3 +170,10 @@ def test_a_wrong_type_names_an_example_of_the_key() -> None:
     with pytest.raises(ConfigError) as info:
         config_from_dict({"rules": {"sku": {"low_stock_threshold": "5"}}})
     assert str(info.value).endswith(", e.g. low_stock_threshold = 5")
+
+
+def test_the_log_summary_interval() -> None:
+    assert duration_us(config_from_dict({}).log.summary_every) == 10_000_000
+    assert duration_us(config_from_dict({"log": {"summary_every": "0s"}}).log.summary_every) == 0
+    with pytest.raises(ConfigError, match=r'^log.summary_every: "10" is not a duration: .*e.g. summary_every = "10s"$'):
+        config_from_dict({"log": {"summary_every": "10"}})
