@@ -1,6 +1,6 @@
 """The actors' front door: one pure module per kind, `step` to apply an event, state (de)serialization.
 
-Layers: `actors._base` holds the effect types; `actors.sku`, `actors.shipment` and
+Layers: `actors.effects` holds the effect types and thresholds; `actors.sku`, `actors.shipment` and
 `actors.campaign` each own one kind's state and behaviour as plain functions
 (`new`, `apply`, `fire`, `timers`, `view`, `raised`) with no clock, I/O or logging; this
 module dispatches on the kind and guards against applying a sequence twice.
@@ -16,8 +16,8 @@ from typing import Any, Final
 import msgspec
 
 from actors import campaign, shipment, sku
-from actors._base import ActorError, Alert, Effect, Send, SetTimer, Thresholds
 from actors.campaign import CampaignState
+from actors.effects import ActorError, Alert, Effect, Send, SetTimer, Thresholds
 from actors.shipment import ShipmentState
 from actors.sku import SkuState
 

@@ -6,7 +6,7 @@ from typing import Any, Final
 
 import msgspec
 
-from actors._base import ActorError, Alert, Effect, Send, Thresholds
+from actors.effects import ActorError, Alert, Effect, Send, Thresholds
 from contracts.events import (
     CampaignEvent,
     CampaignLinked,
@@ -20,6 +20,7 @@ from contracts.events import (
     Spend,
     Started,
 )
+from contracts.rules import RULES_BY_KIND
 from contracts.times import from_us
 
 
@@ -197,7 +198,8 @@ def view(state: CampaignState) -> dict[str, Any]:
     }
 
 
-_RULES: Final = ("cpa_exceeded", "budget_exhausted", "promoting_out_of_stock")
+# Rule names in RULES order (each is a bool field of the state).
+_RULES: Final = tuple(r.name for r in RULES_BY_KIND["campaign"])
 
 
 def raised(state: CampaignState) -> list[dict[str, Any]]:

@@ -6,7 +6,7 @@ from typing import Any, Final
 
 import msgspec
 
-from actors._base import ActorError, Alert, Effect, SetTimer, Thresholds
+from actors.effects import ActorError, Alert, Effect, SetTimer, Thresholds
 from contracts.events import (
     Booked,
     Delayed,
@@ -18,6 +18,7 @@ from contracts.events import (
     ShipmentEvent,
     Temperature,
 )
+from contracts.rules import RULES_BY_KIND
 from contracts.times import rfc3339, rfc3339_opt, to_us
 
 SLA: Final = "sla"
@@ -258,7 +259,8 @@ def view(state: ShipmentState) -> dict[str, Any]:
     }
 
 
-_RULES: Final = ("sla_at_risk", "sla_breached", "stalled", "temperature_excursion", "delivery_failed")
+# Rule names in RULES order (each is a bool field of the state).
+_RULES: Final = tuple(r.name for r in RULES_BY_KIND["shipment"])
 
 
 def raised(state: ShipmentState) -> list[dict[str, Any]]:

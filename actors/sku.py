@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Callable
 from typing import Any, Final
 
 import msgspec
 
-from actors._base import ActorError, Alert, Effect, Send, Thresholds
+from actors.effects import ActorError, Alert, Effect, Send, Thresholds
 from contracts.events import (
     Adjusted,
     CampaignLinked,
@@ -22,11 +23,31 @@ from contracts.events import (
     SkuEvent,
     SkuOutOfStock,
 )
+from contracts.rules import RULES_BY_KIND
 from contracts.times import from_us
 
 HOUR_US: Final = 3_600_000_000
 
-_LOCATION_RULES: Final = ("stockout", "low_stock", "oversold")
+_RULES: Final = RULES_BY_KIND["sku"]
+# The rules kept per location, in RULES order; each is a bool field of LocationState.
+_LOCATION_RULES: Final = tuple(r.name for r in _RULES if r.scope == "location")
+# What a location rule's alert says when raised, and when cleared, of (key, location, available,
+# threshold) (see _cross). f-strings: str.format costs about five times as much.
+_Text = Callable[[str, str, int, int], str]
+_LOCATION_TEXT: Final[dict[str, tuple[_Text, _Text]]] = {
+    "stockout": (
+        lambda k, n, a, t: f"{k} out of stock at {n} (available {a})",
+        lambda k, n, a, t: f"{k} back in stock at {n} (available {a})",
+    ),
+    "low_stock": (
+        lambda k, n, a, t: f"{k} low stock at {n} (available {a}, threshold {t})",
+        lambda k, n, a, t: f"{k} stock recovered at {n} (available {a}, threshold {t})",
+    ),
+    "oversold": (
+        lambda k, n, a, t: f"{k} oversold at {n} (available {a})",
+        lambda k, n, a, t: f"{k} no longer oversold at {n} (available {a})",
+    ),
+}
 _LOCATION_EVENTS: Final = frozenset({Received, Ordered, Cancelled, Picked, Returned, Adjusted, Counted})
 
 
@@ -119,31 +140,14 @@ def apply(state: SkuState, event: SkuEvent, ts_us: int, th: Thresholds) -> list[
     state.available = total
 
     key = state.key
+    # The checks stay inline (every location event makes them); _cross runs only on a crossing.
     if (available <= 0) != loc.stockout:
-        loc.stockout = not loc.stockout
-        if loc.stockout:
-            msg = f"{key} out of stock at {name} (available {available})"
-            effects.append(Alert("stockout", "raised", name, available, 0, msg))
-        else:
-            msg = f"{key} back in stock at {name} (available {available})"
-            effects.append(Alert("stockout", "cleared", name, available, 0, msg))
+        _cross(loc, "stockout", key, name, available, 0, effects)
     low = th.low_stock_threshold
     if (available <= low) != loc.low_stock:
-        loc.low_stock = not loc.low_stock
-        if loc.low_stock:
-            msg = f"{key} low stock at {name} (available {available}, threshold {low})"
-            effects.append(Alert("low_stock", "raised", name, available, low, msg))
-        else:
-            msg = f"{key} stock recovered at {name} (available {available}, threshold {low})"
-            effects.append(Alert("low_stock", "cleared", name, available, low, msg))
+        _cross(loc, "low_stock", key, name, available, low, effects)
     if (available < 0) != loc.oversold:
-        loc.oversold = not loc.oversold
-        if loc.oversold:
-            msg = f"{key} oversold at {name} (available {available})"
-            effects.append(Alert("oversold", "raised", name, available, 0, msg))
-        else:
-            msg = f"{key} no longer oversold at {name} (available {available})"
-            effects.append(Alert("oversold", "cleared", name, available, 0, msg))
+        _cross(loc, "oversold", key, name, available, 0, effects)
 
     hour = ts_us // HOUR_US
     latest = state.latest_hour
@@ -158,6 +162,16 @@ def apply(state: SkuState, event: SkuEvent, ts_us: int, th: Thresholds) -> list[
             for campaign in state.campaigns:
                 effects.append(Send("campaign", campaign, message))
     return effects
+
+
+def _cross(
+    loc: LocationState, rule: str, key: str, name: str, available: int, threshold: int, effects: list[Effect]
+) -> None:
+    """`available` crossed location rule `rule`: flip it and append the raise or clear."""
+    raised = not getattr(loc, rule)
+    setattr(loc, rule, raised)
+    text = _LOCATION_TEXT[rule][0 if raised else 1](key, name, available, threshold)
+    effects.append(Alert(rule, "raised" if raised else "cleared", name, available, threshold, text))
 
 
 def _link(
@@ -258,10 +272,11 @@ def raised(state: SkuState) -> list[dict[str, Any]]:
     """Every rule now raised, in RULES order then location."""
     out: list[dict[str, Any]] = []
     names = sorted(state.locations)
-    for rule in _LOCATION_RULES:
-        for name in names:
-            if getattr(state.locations[name], rule):
-                out.append({"rule": rule, "location": name})
-    if state.return_spike:
-        out.append({"rule": "return_spike", "location": None})
+    for rule in _RULES:
+        if rule.scope == "location":
+            for name in names:
+                if getattr(state.locations[name], rule.name):
+                    out.append({"rule": rule.name, "location": name})
+        elif getattr(state, rule.name):
+            out.append({"rule": rule.name, "location": None})
     return out

@@ -6,13 +6,14 @@ turns a stored message into an event or a dead-letter reason.
 
 from contracts.config import Config, ConfigError, duration_us, load_config
 from contracts.decode import DecodeError, decode_event, parse_subject
-from contracts.events import DECODERS, EVENT_TYPES, KINDS
+from contracts.events import DECODERS, EVENT_TYPES, KEY_RE, KINDS
 from contracts.exceptions import ExceptionEvent, exception_id, timer_cause
 from contracts.rules import RULES, SEVERITY
 
 __all__ = [
     "DECODERS",
     "EVENT_TYPES",
+    "KEY_RE",
     "KINDS",
     "RULES",
     "SEVERITY",

@@ -7,7 +7,7 @@ from typing import Any, Final
 
 import msgspec
 
-from contracts.events import DECODERS, EVENT_TYPES, KINDS
+from contracts.events import DECODERS, EVENT_TYPES, KEY_RE, KINDS
 
 BAD_SUBJECT: Final = "bad_subject"
 MALFORMED: Final = "malformed"
@@ -15,7 +15,6 @@ INVALID: Final = "invalid"
 UNKNOWN_TYPE: Final = "unknown_type"
 ACTOR_ERROR: Final = "actor_error"
 
-_KEY_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,128}\Z")
 _PARTITION_RE: Final = re.compile(r"[0-9]+\Z")
 _KINDS: Final = frozenset(KINDS)
 
@@ -38,7 +37,7 @@ def parse_subject(subject: str) -> tuple[str, str]:
         n == 3 or (n == 4 and _PARTITION_RE.match(tokens[1]) is not None)
     ):
         kind, key = tokens[-2], tokens[-1]
-        if kind in _KINDS and _KEY_RE.match(key) is not None:
+        if kind in _KINDS and KEY_RE.match(key) is not None:
             return kind, key
         if kind not in _KINDS:
             raise DecodeError(BAD_SUBJECT, f"unknown kind {kind!r} in subject {subject!r}")

@@ -12,13 +12,16 @@ from msgspec import Meta
 KINDS: Final = ("sku", "shipment", "campaign")
 
 MAX_INT: Final = 2**53 - 1
-KEY_PATTERN: Final = r"^[A-Za-z0-9_-]{1,128}$"
+# A key (CONTRACT section 1): `KEY_RE.match(text)` checks the whole text. `\Z`, not `$`, which
+# would let a trailing newline through; `Key` below writes the same class and length as `^...$`
+# for msgspec and JSON Schema.
+KEY_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,128}\Z")
 
 # A JSON integer within +-(2^53 - 1).
 Int = Annotated[int, Meta(ge=-MAX_INT, le=MAX_INT)]
 PosInt = Annotated[int, Meta(gt=0, le=MAX_INT)]
 NonNegInt = Annotated[int, Meta(ge=0, le=MAX_INT)]
-Key = Annotated[str, Meta(pattern=KEY_PATTERN)]
+Key = Annotated[str, Meta(pattern="^" + KEY_RE.pattern.removesuffix("\\Z") + "$")]
 # 1-128 characters, no C0/C1 control characters (checked in _AtLocation.__post_init__: a
 # `pattern` here costs a regex search per event on the hot path).
 Location = Annotated[str, Meta(min_length=1, max_length=128)]

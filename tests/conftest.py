@@ -1,31 +1,10 @@
-"""Fixtures for the whole suite: a real nats-server per test, and asyncio as the anyio backend."""
+"""Fixtures for the whole suite: asyncio as the anyio backend (the nats-server fixture is in tests/router)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
-
-from tests.support.natsserver import NatsServer
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    """A JetStream nats-server on a free loopback port with a temporary store.
-
-    `.url`, `.port`, `.store_dir`; `.stop()` / `.start()` restart it on the same port and
-    store, `.kill()` crashes it. Always stopped at teardown.
-    """
-    base: Path = tmp_path_factory.mktemp("nats")
-    server = NatsServer(base / "store")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from collections import Counter
@@ -17,7 +16,7 @@ import anyio.lowlevel
 
 from contracts.config import Config, load_config
 from contracts.decode import DecodeError, decode_event
-from contracts.events import KEY_PATTERN, KINDS
+from contracts.events import KEY_RE, KINDS
 from router.cli.client import ClientError, ServerURL, connect, resolve_server
 from router.cli.common import (
     EXIT_OK,
@@ -28,9 +27,6 @@ from router.cli.common import (
     until_interrupted,
 )
 from router.jetstream.streams import stores
-
-_KEY_RE: Final = re.compile(KEY_PATTERN)
-
 
 # --- client commands -------------------------------------------------------------------
 
@@ -159,7 +155,7 @@ async def _check_events_stream(nc: Any, cfg: Config, server: ServerURL, subjects
 
 
 def _check_key(key: str) -> None:
-    if not _KEY_RE.match(key):
+    if not KEY_RE.match(key):
         raise UsageError(f"key {key!r} is not 1-128 characters of A-Z a-z 0-9 _ -")
 
 

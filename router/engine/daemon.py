@@ -16,7 +16,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.js.manager import JetStreamManager
 
-from actors._base import Thresholds
+from actors import Thresholds
 from contracts.config import Config, duration_us
 from router.engine.partition import Partition
 from router.jetstream import streams

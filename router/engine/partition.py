@@ -21,7 +21,7 @@ import msgspec
 import structlog
 
 import actors
-from actors._base import Alert, Send, SetTimer, Thresholds
+from actors import Alert, Send, SetTimer, Thresholds
 from contracts.decode import (
     ACTOR_ERROR,
     MAX_DEPTH,

@@ -11,7 +11,7 @@ import structlog
 from nats.aio.msg import Msg
 
 import actors
-from contracts.decode import _KEY_RE
+from contracts import KEY_RE
 from router.jetstream.streams import partition_of
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ async def serve_queries(rt: Runtime, *, task_status: Any = anyio.TASK_STATUS_IGN
         if not msg.reply:
             return
         tokens = msg.subject.split(".")
-        if len(tokens) != 4 or tokens[2] not in actors.ACTORS or _KEY_RE.match(tokens[3]) is None:
+        if len(tokens) != 4 or tokens[2] not in actors.ACTORS or KEY_RE.match(tokens[3]) is None:
             body: dict[str, Any] = {
                 "error": f"expected router.state.<sku|shipment|campaign>.<key>, got {msg.subject!r}"
             }

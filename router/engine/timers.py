@@ -18,7 +18,7 @@ import anyio
 import structlog
 
 import actors
-from actors._base import Alert, Send
+from actors import Alert, Send
 from contracts.exceptions import exception_id, exception_subject, timer_cause
 from contracts.times import ns_to_us, rfc3339
 from snapshots import ActorRecord

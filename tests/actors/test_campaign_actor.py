@@ -6,8 +6,7 @@ from typing import Any
 
 import pytest
 
-from actors import campaign
-from actors._base import ActorError, Alert, Send, SetTimer, Thresholds
+from actors import ActorError, Alert, Send, SetTimer, Thresholds, campaign
 from contracts.events import (
     CampaignLinked,
     CampaignUnlinked,

@@ -6,8 +6,7 @@ from typing import Any
 
 import pytest
 
-from actors import shipment
-from actors._base import ActorError, Alert, SetTimer, Thresholds
+from actors import ActorError, Alert, SetTimer, Thresholds, shipment
 from contracts.events import (
     Booked,
     Delayed,

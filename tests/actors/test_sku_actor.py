@@ -6,8 +6,7 @@ from typing import Any
 
 import pytest
 
-from actors import sku
-from actors._base import ActorError, Alert, Send, SetTimer, Thresholds
+from actors import ActorError, Alert, Send, SetTimer, Thresholds, sku
 from contracts.events import (
     Adjusted,
     CampaignLinked,

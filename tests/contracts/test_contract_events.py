@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import Any
 
 from hypothesis import given, settings
@@ -12,6 +13,7 @@ from contracts.decode import decode_payload
 from contracts.events import (
     EVENT_TYPES,
     EVENT_UNIONS,
+    KEY_RE,
     KINDS,
     MAX_INT,
     Adjusted,
@@ -163,3 +165,13 @@ def test_json_schema_lists_every_kind() -> None:
     schema = json_schema()
     assert set(schema["properties"]) == set(KINDS)
     assert "Received" in schema["$defs"]
+
+
+def test_the_key_pattern_takes_a_whole_key() -> None:
+    """One pattern for subjects, payload keys and the CLI: 1-128 of A-Z a-z 0-9 _ -, nothing after."""
+    assert KEY_RE.match("SKU-1_a")
+    assert KEY_RE.match("K" * 128)
+    for bad in ("", "K" * 129, "A.B", "A B", "A\n", "A\r", "Ä"):
+        assert KEY_RE.match(bad) is None, bad
+    schema = json_schema()
+    assert '"pattern":"^[A-Za-z0-9_-]{1,128}$"' in json.dumps(schema, separators=(",", ":"))

@@ -23,7 +23,7 @@ import pytest
 from nats.js.errors import NotFoundError
 
 import actors
-from actors._base import Thresholds
+from actors import Thresholds
 from contracts.config import Config
 from contracts.times import rfc3339
 from router.engine import timers as timers_mod

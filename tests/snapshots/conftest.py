@@ -1,4 +1,4 @@
-"""Fixtures for the snapshot store tests: the anyio backend and a fresh store per test."""
+"""Fixtures for the snapshot store tests: a fresh store per test (the anyio backend is the suite's)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,6 @@ from pathlib import Path
 import pytest
 
 from snapshots import Store
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 @pytest.fixture

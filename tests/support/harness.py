@@ -130,7 +130,7 @@ def normalize(obj: Any) -> Any:
 
 async def check_against_fold(url: str, cfg: Config, rt: Runtime | None = None) -> Expected:
     """EXCEPTIONS, DEADLETTER and actor messages hold exactly what a fold of EVENTS implies."""
-    from actors._base import Thresholds
+    from actors import Thresholds
 
     events = await read_stream(url, cfg.streams.events)
     exp = fold(events, Thresholds.from_rules(cfg.rules))

@@ -16,7 +16,7 @@ import nats
 from nats.js.errors import NotFoundError
 
 import actors
-from actors._base import Alert, Send, Thresholds
+from actors import Alert, Send, Thresholds
 from contracts.decode import DecodeError, decode_event
 from contracts.exceptions import exception_id
 from contracts.times import to_us

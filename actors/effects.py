@@ -7,8 +7,7 @@ from typing import Any, Literal, Union
 import msgspec
 
 from contracts.config import RulesConfig, duration_us
-
-Number = Union[int, float]
+from contracts.exceptions import Number
 
 
 class Alert(msgspec.Struct, frozen=True, gc=False):
