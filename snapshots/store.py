@@ -31,7 +31,7 @@ import contextlib
 import os
 import sqlite3
 import sys
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import MappingProxyType, TracebackType
@@ -286,27 +286,35 @@ class Store:
         *,
         applied_seq: int,
         effects_seq: int | None = None,
+        fence: Callable[[], None] | None = None,
     ) -> None:
         """Write `actors` (each replacing its timer rows) and the partition's marks in one transaction.
 
         `effects_seq=None` keeps the stored one; a lower value than stored is ignored.
         The rows are read in the store's thread while the event loop runs on: do not
-        change `actors` or their `timers` mappings until this returns.
+        change `actors` or their `timers` mappings until this returns. `fence()` is called
+        just before the commit; whatever it raises rolls the transaction back.
         """
         rows = actors if isinstance(actors, Sequence) else list(actors)
         async with self._transaction("write_snapshot") as db:
             if rows:
                 await _put_actors(db, partition, rows)
             await db.execute(_PUT_MARKS, (partition, applied_seq, effects_seq or 0))
+            if fence is not None:
+                fence()
 
-    async def write_actors(self, partition: int, actors: Iterable[ActorRecord]) -> None:
+    async def write_actors(
+        self, partition: int, actors: Iterable[ActorRecord], fence: Callable[[], None] | None = None
+    ) -> None:
         """Write actors, each replacing its timers, in one transaction (after timer firings are
-        confirmed); marks unchanged."""
+        confirmed); marks unchanged. `fence` as in `write_snapshot`."""
         rows = actors if isinstance(actors, Sequence) else list(actors)
         if not rows:
             return
         async with self._transaction("write_actors") as db:
             await _put_actors(db, partition, rows)
+            if fence is not None:
+                fence()
 
     async def load_actors(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], tuple[int, bytes]]:
         """{(kind, key): (last_seq, state)} for the stored ones among `keys`; missing keys are absent."""

@@ -21,6 +21,8 @@ from nats.aio.msg import Msg
 log = structlog.get_logger()
 
 Done = Callable[[], None]
+# True while the publisher of a message may still send it (see `Publisher.publish`).
+Fence = Callable[[], bool]
 
 
 class _ApiError(msgspec.Struct):
@@ -40,13 +42,16 @@ _ACK_DECODER = msgspec.json.Decoder(_PubAck)
 
 
 class _Pending:
-    __slots__ = ("done", "headers", "payload", "sent_at", "subject", "tries")
+    __slots__ = ("done", "fence", "headers", "payload", "sent_at", "subject", "tries")
 
-    def __init__(self, subject: str, payload: bytes, headers: dict[str, str], done: Done | None) -> None:
+    def __init__(
+        self, subject: str, payload: bytes, headers: dict[str, str], done: Done | None, fence: Fence | None
+    ) -> None:
         self.subject = subject
         self.payload = payload
         self.headers = headers
         self.done = done
+        self.fence = fence
         self.sent_at = 0.0
         self.tries = 0
 
@@ -62,6 +67,7 @@ class Publisher:
         self._retry_after = retry_after
         self.published = 0
         self.retried = 0
+        self.fenced = 0  # unconfirmed publishes dropped because their partition's lease ended
 
     @property
     def outstanding(self) -> int:
@@ -85,11 +91,17 @@ class Publisher:
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):  # connection closed
                 await sub.unsubscribe()
 
-    async def publish(self, subject: str, payload: bytes, headers: dict[str, str], done: Done | None) -> None:
-        """Send one message; `done` runs when the stream confirms it. `headers` must hold Nats-Msg-Id."""
+    async def publish(
+        self, subject: str, payload: bytes, headers: dict[str, str], done: Done | None, fence: Fence | None = None
+    ) -> None:
+        """Send one message; `done` runs when the stream confirms it. `headers` must hold Nats-Msg-Id.
+
+        A retry first asks `fence()`: once it says False (the partition's lease is gone) the
+        message is dropped unsent; the partition's new owner publishes it with the same id.
+        """
         self._next += 1
         token = str(self._next)
-        p = _Pending(subject, payload, headers, done)
+        p = _Pending(subject, payload, headers, done, fence)
         self._pending[token] = p
         await self._send(token, p)
 
@@ -150,6 +162,10 @@ class Publisher:
         cutoff = time.monotonic() - self._retry_after
         stale = [(t, p) for t, p in self._pending.items() if p.sent_at < cutoff]
         for token, p in stale:
+            if p.fence is not None and not p.fence():
+                del self._pending[token]
+                self.fenced += 1
+                continue
             self.retried += 1
             await self._send(token, p)
 

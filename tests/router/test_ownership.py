@@ -258,3 +258,56 @@ def test_lease_defaults() -> None:
     t = Timings.from_config(config_from_dict({}))
     assert (t.lease_s, t.renew_s) == (10.0, 3.0)
     assert t.margin_s < t.lease_s - 2 * t.renew_s
+
+
+async def test_a_fenced_snapshot_is_rolled_back(tmp_path: Path) -> None:
+    """The store calls the fence just before its commit: a lease that ran out leaves the store as it was."""
+    from snapshots import ActorRecord, PartitionMarks, Store
+
+    async with await Store.open(tmp_path / "router.db") as store:
+        await store.write_snapshot(0, [ActorRecord("sku", "A", 3, b"a@3", {})], applied_seq=3, effects_seq=3)
+
+        def fence() -> None:
+            raise LeaseLost("partition 0: lease of epoch 1 expired")
+
+        with pytest.raises(LeaseLost):
+            await store.write_snapshot(
+                0, [ActorRecord("sku", "A", 9, b"a@9", {})], applied_seq=9, effects_seq=9, fence=fence
+            )
+        with pytest.raises(LeaseLost):
+            await store.write_actors(0, [ActorRecord("sku", "B", 9, b"b@9", {})], fence=fence)
+        assert await store.marks(0) == PartitionMarks(3, 3)
+        assert await store.load_actors([("sku", "A"), ("sku", "B")]) == {("sku", "A"): (3, b"a@3")}
+
+
+async def test_the_publisher_drops_a_fenced_retry(nats_server: Any) -> None:
+    """An unconfirmed publish is retried until confirmed, unless its partition's lease ended meanwhile."""
+    from router.jetstream.publisher import Publisher
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        pub = Publisher(nc, retry_after=0.2)
+        seen: list[bytes] = []
+
+        async def on_msg(msg: Any) -> None:
+            seen.append(msg.data)
+
+        await nc.subscribe("nostream.x", cb=on_msg)  # no stream: never confirmed, so retried
+        valid = [True]
+        async with anyio.create_task_group() as tg:
+            await tg.start(pub.serve)
+            await pub.publish("nostream.x", b"one", {"Nats-Msg-Id": "m1"}, None, fence=lambda: valid[0])
+            with anyio.fail_after(5):
+                while pub.retried < 2:
+                    await anyio.sleep(0.02)
+            valid[0] = False
+            with anyio.fail_after(5):
+                while pub.outstanding:
+                    await anyio.sleep(0.02)
+            copies = len(seen)
+            await anyio.sleep(0.6)  # three retry intervals: nothing more goes out
+            tg.cancel_scope.cancel()
+        assert pub.fenced == 1
+        assert len(seen) == copies >= 3
+    finally:
+        await nc.close()
