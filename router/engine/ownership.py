@@ -31,10 +31,10 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 import anyio
 import structlog
@@ -288,6 +288,78 @@ class Ownership:
             return False
         log.info("ownership_released", partition=lease.partition, epoch=lease.epoch)
         return True
+
+
+# ---------------------------------------------------------------------- the policy for now
+
+Work = Callable[[list[Lease], anyio.Event], Awaitable[bool]]
+
+
+class OwnAll:
+    """One instance holds every partition; any other stands by until the holder's leases end.
+
+    Partition 0 is taken first and the others after it, so two standbys racing for a lapsed
+    owner's partitions do not split them: the one that takes partition 0 takes the rest
+    (waiting out their leases too, when they are still held). Losing any lease gives up all.
+    """
+
+    def __init__(self, ownership: Ownership, count: int) -> None:
+        self.ownership = ownership
+        self.count = count
+        self.leases: list[Lease] = []
+        self.role: Literal["standby", "owner"] = "standby"
+
+    def owns(self, partition: int) -> bool:
+        return self.role == "owner" and partition < len(self.leases) and self.leases[partition].valid()
+
+    async def serve(self, work: Work, stop: anyio.Event) -> None:
+        """Until `stop`: stand by, take every partition, then `await work(leases, lost)`.
+
+        `work` runs the partitions until `stop` (then it stops them gracefully and returns
+        True: the leases are released for a standby to take at once) or until `lost` is set
+        (it abandons them and returns False: this instance stands by again).
+        """
+        while not stop.is_set():
+            lost = anyio.Event()
+            leases: list[Lease] = []
+            stopping = False
+            async with anyio.create_task_group() as tg:
+                try:
+                    with anyio.CancelScope() as acquiring:
+                        tg.start_soon(_cancel_when, acquiring, stop, lost)
+                        for i in range(self.count):
+                            lease = await self.ownership.acquire(i)
+                            leases.append(lease)
+                            tg.start_soon(self._keep, lease, lost)
+                    if len(leases) == self.count and not lost.is_set() and not stop.is_set():
+                        self.leases, self.role = leases, "owner"
+                        stopping = await work(leases, lost)
+                finally:
+                    self.role, self.leases = "standby", []
+                    tg.cancel_scope.cancel()
+                    with anyio.CancelScope(shield=True):
+                        for lease in leases:
+                            if lease.valid():
+                                await self.ownership.release(lease)
+            if stopping:
+                return
+
+    async def _keep(self, lease: Lease, lost: anyio.Event) -> None:
+        await self.ownership.keep(lease)
+        lost.set()
+
+
+async def _cancel_when(scope: anyio.CancelScope, *events: anyio.Event) -> None:
+    """Cancel `scope` as soon as any of `events` is set."""
+    async with anyio.create_task_group() as tg:
+
+        async def wait(event: anyio.Event) -> None:
+            await event.wait()
+            scope.cancel()
+            tg.cancel_scope.cancel()
+
+        for event in events:
+            tg.start_soon(wait, event)
 
 
 # ---------------------------------------------------------------------- the instance

@@ -311,3 +311,65 @@ async def test_the_publisher_drops_a_fenced_retry(nats_server: Any) -> None:
         assert len(seen) == copies >= 3
     finally:
         await nc.close()
+
+
+async def test_one_instance_holds_all_partitions_and_hands_them_over(nats_server: Any) -> None:
+    from router.engine.ownership import OwnAll
+
+    async with bucket(nats_server.url) as ba, bucket(nats_server.url) as bb:
+        a = OwnAll(Ownership(ba, "inst-a", FAST), 3)
+        b = OwnAll(Ownership(bb, "inst-b", FAST), 3)
+        stop_a, stop_b = anyio.Event(), anyio.Event()
+        runs: list[tuple[str, list[int], bool]] = []
+
+        def worker(name: str, stop: anyio.Event) -> Any:
+            async def work(leases: list[Lease], lost: anyio.Event) -> bool:
+                runs.append((name, [lease.epoch for lease in leases], False))
+                async with anyio.create_task_group() as tg:
+
+                    async def on(event: anyio.Event) -> None:
+                        await event.wait()
+                        tg.cancel_scope.cancel()
+
+                    tg.start_soon(on, stop)
+                    tg.start_soon(on, lost)
+                runs.append((name, [], lost.is_set()))
+                return stop.is_set() and not lost.is_set()
+
+            return work
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a.serve, worker("a", stop_a), stop_a)
+            with anyio.fail_after(5):
+                while a.role != "owner":
+                    await anyio.sleep(0.01)
+            tg.start_soon(b.serve, worker("b", stop_b), stop_b)
+            await anyio.sleep(3 * FAST.lease_s)
+            assert b.role == "standby"
+            assert [a.owns(i) for i in range(3)] == [True] * 3
+            assert not b.owns(0)
+
+            # A lost lease (here: marked lost, as a refused renewal would) gives up every partition;
+            # with b standing by, a and b race for them, and one instance ends up with all three.
+            a.leases[1].lost = "taken"
+            with anyio.fail_after(5 * FAST.lease_s):
+                while not (a.role == "owner" or b.role == "owner") or len(runs) < 3:
+                    await anyio.sleep(0.01)
+            holder, other = (a, b) if a.role == "owner" else (b, a)
+            assert [holder.owns(i) for i in range(3)] == [True] * 3
+            assert other.role == "standby"
+
+            # A graceful stop releases all: the standby takes them without waiting out a lease.
+            stopped = time.monotonic()
+            (stop_a if holder is a else stop_b).set()
+            with anyio.fail_after(FAST.lease_s):
+                while other.role != "owner":
+                    await anyio.sleep(0.01)
+            assert time.monotonic() - stopped < FAST.lease_s - FAST.margin_s
+            assert [other.owns(i) for i in range(3)] == [True] * 3
+            stop_a.set()
+            stop_b.set()
+        assert runs[0] == ("a", [1, 1, 1], False)
+        assert runs[1] == ("a", [], True)  # the loss ended a's run
+        first_epochs = [r[1][0] for r in runs if r[1]]
+        assert first_epochs == sorted(set(first_epochs)), runs  # every take of partition 0 a later epoch
