@@ -92,9 +92,10 @@ def timers(kind: str, state: State) -> dict[str, int]:
     return wanted
 
 
-def view(kind: str, state: State) -> dict[str, Any]:
-    """The `state` object of a state reply (CONTRACT section 5)."""
-    out: dict[str, Any] = ACTORS[kind].view(state)
+def view(kind: str, state: State, th: Thresholds | None = None) -> dict[str, Any]:
+    """The `state` object of a state reply (CONTRACT section 5); `th` for `effective` (default: the defaults)."""
+    mod = ACTORS[kind]
+    out: dict[str, Any] = mod.view(state) if th is None else mod.view(state, th)
     return out
 
 

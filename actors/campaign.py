@@ -8,8 +8,10 @@ import msgspec
 
 from actors.effects import ActorError, Alert, Effect, Send, Thresholds
 from contracts.events import (
+    CAMPAIGN_SETTINGS,
     CampaignEvent,
     CampaignLinked,
+    CampaignSettings,
     CampaignUnlinked,
     Conversion,
     Ended,
@@ -22,6 +24,8 @@ from contracts.events import (
 )
 from contracts.rules import RULES_BY_KIND
 from contracts.times import from_us
+
+_DEFAULTS: Final = Thresholds()
 
 
 class CampaignState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
@@ -36,6 +40,7 @@ class CampaignState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     revenue: float = 0.0
     cpa_limit: float | None = None
     budget: float | None = None
+    cpa_min_spend: float | None = None  # own setting (CONTRACT 2.4); None inherits
     # Linked SKUs in the order they were added -> whether that SKU said it is out of stock.
     skus: dict[str, bool] = {}
     out_of_stock: int = 0  # how many values of `skus` are True
@@ -74,6 +79,14 @@ def apply(state: CampaignState, event: CampaignEvent, ts_us: int, th: Thresholds
     elif t is Started or t is Paused or t is Resumed or t is Ended:
         if not state.ended:
             sends = _lifecycle(state, event, ts_us)  # type: ignore[arg-type]
+    elif t is CampaignSettings:
+        # Whatever the campaign's state, ended included; links and activity stay as they are.
+        for field in CAMPAIGN_SETTINGS:
+            value = getattr(event, field)
+            if value is not None:
+                setattr(state, field, value)
+        for field in event.reset or ():  # type: ignore[union-attr]
+            setattr(state, field, None)
     else:
         raise ActorError(f"campaign:{state.key}: not a campaign event: {t.__name__}")
 
@@ -84,7 +97,8 @@ def apply(state: CampaignState, event: CampaignEvent, ts_us: int, th: Thresholds
 
     limit = state.cpa_limit
     cpa = spend / conversions if conversions else None
-    exceeded = limit is not None and spend >= th.cpa_min_spend and (cpa is None or cpa > limit)
+    min_spend = th.cpa_min_spend if state.cpa_min_spend is None else state.cpa_min_spend
+    exceeded = limit is not None and spend >= min_spend and (cpa is None or cpa > limit)
     if exceeded != state.cpa_exceeded:
         state.cpa_exceeded = exceeded
         if exceeded and cpa is None:
@@ -181,9 +195,18 @@ def timers(state: CampaignState) -> dict[str, int]:
     return {}
 
 
-def view(state: CampaignState) -> dict[str, Any]:
+def view(state: CampaignState, th: Thresholds = _DEFAULTS) -> dict[str, Any]:
     """The `state` object of CONTRACT section 5."""
     conversions = state.conversions
+    settings = {f: getattr(state, f) for f in CAMPAIGN_SETTINGS if getattr(state, f) is not None}
+    effective: dict[str, Any] = {
+        f: {"value": v, "from": "entity"} for f, v in settings.items() if f != "cpa_min_spend"
+    }
+    effective["cpa_min_spend"] = (
+        {"value": th.cpa_min_spend, "from": "config"}
+        if state.cpa_min_spend is None
+        else {"value": state.cpa_min_spend, "from": "entity"}
+    )
     return {
         "active": state.active,
         "ended": state.ended,
@@ -195,6 +218,8 @@ def view(state: CampaignState) -> dict[str, Any]:
         "cpa": state.spend / conversions if conversions else None,
         "cpa_limit": state.cpa_limit,
         "budget": state.budget,
+        "settings": settings,
+        "effective": effective,
     }
 
 

@@ -7,6 +7,7 @@ from typing import Any, Final
 import msgspec
 
 from actors.effects import ActorError, Alert, Effect, SetTimer, Thresholds
+from contracts.config import duration_us
 from contracts.events import (
     Booked,
     Delayed,
@@ -16,11 +17,13 @@ from contracts.events import (
     OutForDelivery,
     PickedUp,
     ShipmentEvent,
+    ShipmentSettings,
     Temperature,
 )
 from contracts.rules import RULES_BY_KIND
 from contracts.times import rfc3339, rfc3339_opt, to_us
 
+_DEFAULTS: Final = Thresholds()
 SLA: Final = "sla"
 STALL: Final = "stall"
 
@@ -74,6 +77,9 @@ class ShipmentState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     stall_at: int | None = None
     temperature_excursion: bool = False
     delivery_failed: bool = False
+    # Own `stall_after` (CONTRACT 2.4) as given, and in microseconds; None inherits.
+    stall_after: str | None = None
+    stall_after_us: int | None = None
 
 
 def new(key: str) -> ShipmentState:
@@ -91,8 +97,22 @@ def _stall_deadline(state: ShipmentState, th: Thresholds) -> int | None:
     """last_movement + stall_after while moving, unless this last_movement already raised."""
     lm = state.last_movement
     if state.status in MOVING and lm is not None and lm != state.stalled_for:
-        return lm + th.stall_after_us
+        after = state.stall_after_us
+        if after is None:
+            carriers = th.carriers_us
+            after = carriers.get(state.carrier, th.stall_after_us) if carriers else th.stall_after_us  # type: ignore[arg-type]
+        return lm + after
     return None
+
+
+def _stall_after(state: ShipmentState, th: Thresholds) -> tuple[str, str]:
+    """`stall_after` in effect, as written, and where it comes from: entity, carrier or config."""
+    if state.stall_after is not None:
+        return state.stall_after, "entity"
+    carrier = state.carrier
+    if carrier is not None and carrier in th.carriers:
+        return th.carriers[carrier], "carrier"
+    return th.stall_after_text(), "config"
 
 
 # Whether `timers` can ever return a deadline: a snapshot skips the timer rows of kinds that keep none.
@@ -114,7 +134,7 @@ def apply(state: ShipmentState, event: ShipmentEvent, ts_us: int, th: Thresholds
     """Apply one event in place; return its alerts and timer changes."""
     t = type(event)
     status = _STATUS.get(t)
-    if status is None and t is not Delayed and t is not Temperature:
+    if status is None and t is not Delayed and t is not Temperature and t is not ShipmentSettings:
         raise ActorError(f"shipment:{state.key}: not a shipment event: {t.__name__}")
     old_sla = _sla_deadline(state)
     old_stall = state.stall_at
@@ -137,6 +157,13 @@ def apply(state: ShipmentState, event: ShipmentEvent, ts_us: int, th: Thresholds
         state.temperature = event.celsius  # type: ignore[union-attr]
     elif t is Delivered and state.delivered_at is None:
         state.delivered_at = ts_us
+    elif t is ShipmentSettings:
+        # Every condition is evaluated again below; only the stall timer can move (CONTRACT 2.4).
+        if event.stall_after is not None:  # type: ignore[union-attr]
+            state.stall_after = event.stall_after  # type: ignore[union-attr]
+            state.stall_after_us = duration_us(event.stall_after)  # type: ignore[union-attr]
+        elif event.reset:  # type: ignore[union-attr]
+            state.stall_after = state.stall_after_us = None
     if t in _WITH_ETA:
         eta = event.eta  # type: ignore[union-attr]
         if eta is not None and (state.eta_ts is None or ts_us >= state.eta_ts):
@@ -241,8 +268,9 @@ def _t(us: int | None) -> str:
     return "none" if us is None else rfc3339(us)
 
 
-def view(state: ShipmentState) -> dict[str, Any]:
+def view(state: ShipmentState, th: Thresholds = _DEFAULTS) -> dict[str, Any]:
     """The `state` object of CONTRACT section 5."""
+    value, source = _stall_after(state, th)
     return {
         "status": state.status,
         "promised_by": rfc3339_opt(state.promised_by),
@@ -256,6 +284,8 @@ def view(state: ShipmentState) -> dict[str, Any]:
         "origin": state.origin,
         "destination": state.destination,
         "order_id": state.order_id,
+        "settings": {} if state.stall_after is None else {"stall_after": state.stall_after},
+        "effective": {"stall_after": {"value": value, "from": source}},
     }
 
 

@@ -10,6 +10,7 @@ import msgspec
 
 from actors.effects import ActorError, Alert, Effect, Send, Thresholds
 from contracts.events import (
+    SKU_SETTINGS,
     Adjusted,
     CampaignLinked,
     CampaignUnlinked,
@@ -22,12 +23,14 @@ from contracts.events import (
     SkuBackInStock,
     SkuEvent,
     SkuOutOfStock,
+    SkuSettings,
 )
 from contracts.rules import RULES_BY_KIND
 from contracts.times import from_us
 
 HOUR_US: Final = 3_600_000_000
 
+_DEFAULTS: Final = Thresholds()
 _RULES: Final = RULES_BY_KIND["sku"]
 # The rules kept per location, in RULES order; each is a bool field of LocationState.
 _LOCATION_RULES: Final = tuple(r.name for r in _RULES if r.scope == "location")
@@ -61,6 +64,16 @@ class LocationState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     oversold: bool = False
 
 
+class SkuOwnSettings(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+    """The SKU's own settings (CONTRACT 2.4); None (or no entry) inherits."""
+
+    low_stock_threshold: int | None = None
+    return_spike_min_units: int | None = None
+    return_spike_ratio: float | None = None
+    # Location -> its own low_stock_threshold (also for a location not seen yet).
+    locations: dict[str, int] = {}
+
+
 class SkuState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """One SKU across its locations. Mutated in place by `apply`."""
 
@@ -81,6 +94,8 @@ class SkuState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     returned: int = 0
     picked: int = 0
     return_spike: bool = False
+    # Own settings; None when it has none (the common case: one check on the hot path).
+    settings: SkuOwnSettings | None = None
 
 
 def new(key: str) -> SkuState:
@@ -94,11 +109,14 @@ def apply(state: SkuState, event: SkuEvent, ts_us: int, th: Thresholds) -> list[
     if t is CampaignLinked or t is CampaignUnlinked:
         _link(state, event, ts_us, th, effects)  # type: ignore[arg-type]
         return effects
+    if t is SkuSettings:
+        _settings(state, event, th, effects)  # type: ignore[arg-type]
+        return effects
 
     if t not in _LOCATION_EVENTS:
         raise ActorError(f"sku:{state.key}: not a sku event: {t.__name__}")
     # Compute the location's new counters before touching the state.
-    name: str = event.location  # type: ignore[union-attr]
+    name: str = event.location  # type: ignore[union-attr,assignment]
     loc = state.locations.get(name)
     if loc is None:
         on_hand = reserved = 0
@@ -143,7 +161,8 @@ def apply(state: SkuState, event: SkuEvent, ts_us: int, th: Thresholds) -> list[
     # The checks stay inline (every location event makes them); _cross runs only on a crossing.
     if (available <= 0) != loc.stockout:
         _cross(loc, "stockout", key, name, available, 0, effects)
-    low = th.low_stock_threshold
+    own = state.settings
+    low = th.low_stock_threshold if own is None else _low_stock_threshold(own, name, th)[0]
     if (available <= low) != loc.low_stock:
         _cross(loc, "low_stock", key, name, available, low, effects)
     if (available < 0) != loc.oversold:
@@ -172,6 +191,68 @@ def _cross(
     setattr(loc, rule, raised)
     text = _LOCATION_TEXT[rule][0 if raised else 1](key, name, available, threshold)
     effects.append(Alert(rule, "raised" if raised else "cleared", name, available, threshold, text))
+
+
+def _low_stock_threshold(own: SkuOwnSettings | None, name: str, th: Thresholds) -> tuple[int, str]:
+    """The location's low_stock_threshold and where it comes from: location, else SKU, else config."""
+    if own is not None:
+        value = own.locations.get(name)
+        if value is not None:
+            return value, "location"
+        if own.low_stock_threshold is not None:
+            return own.low_stock_threshold, "entity"
+    return th.low_stock_threshold, "config"
+
+
+def _spike_thresholds(state: SkuState, th: Thresholds) -> tuple[int, float]:
+    """return_spike_min_units and return_spike_ratio in effect."""
+    own = state.settings
+    if own is None:
+        return th.return_spike_min_units, th.return_spike_ratio
+    minimum, ratio = own.return_spike_min_units, own.return_spike_ratio
+    return (
+        th.return_spike_min_units if minimum is None else minimum,
+        th.return_spike_ratio if ratio is None else ratio,
+    )
+
+
+def _settings(state: SkuState, event: SkuSettings, th: Thresholds, effects: list[Effect]) -> None:
+    """Set or reset the SKU's own thresholds, then evaluate every condition again (CONTRACT 2.4).
+
+    Only `low_stock` (at every location) and `return_spike` depend on a setting; the window
+    stays where it is: a settings event's `ts` is not an event time for it.
+    """
+    own = state.settings if state.settings is not None else SkuOwnSettings()
+    location = event.location
+    if location is None:
+        if event.low_stock_threshold is not None:
+            own.low_stock_threshold = event.low_stock_threshold
+        if event.return_spike_min_units is not None:
+            own.return_spike_min_units = event.return_spike_min_units
+        if event.return_spike_ratio is not None:
+            own.return_spike_ratio = event.return_spike_ratio
+        for field in event.reset or ():
+            setattr(own, field, None)
+    else:  # only low_stock_threshold is per location (the decoder refuses the others)
+        if event.low_stock_threshold is not None:
+            own.locations[location] = event.low_stock_threshold
+        if event.reset:
+            own.locations.pop(location, None)
+    empty = (
+        own.low_stock_threshold is None
+        and own.return_spike_min_units is None
+        and own.return_spike_ratio is None
+        and not own.locations
+    )
+    state.settings = None if empty else own
+
+    key = state.key
+    for name, loc in state.locations.items():
+        available = loc.on_hand - loc.reserved
+        low = _low_stock_threshold(state.settings, name, th)[0]
+        if (available <= low) != loc.low_stock:
+            _cross(loc, "low_stock", key, name, available, low, effects)
+    _evaluate_spike(state, th, effects)
 
 
 def _link(
@@ -222,13 +303,30 @@ def _window(
             by_hour[hour] = by_hour.get(hour, 0) + picked
             state.picked += picked
     units = state.returned
-    minimum = th.return_spike_min_units
-    spike = units >= minimum and units >= th.return_spike_ratio * state.picked
-    if spike != state.return_spike:
-        state.return_spike = spike
-        what = "return spike" if spike else "return spike over"
-        msg = f"{state.key} {what}: {units} units returned vs {state.picked} picked in the last {hours}h"
-        effects.append(Alert("return_spike", "raised" if spike else "cleared", None, units, minimum, msg))
+    if state.settings is None:
+        minimum, ratio = th.return_spike_min_units, th.return_spike_ratio
+    else:
+        minimum, ratio = _spike_thresholds(state, th)
+    if (units >= minimum and units >= ratio * state.picked) != state.return_spike:
+        effects.append(_flip_spike(state, units, minimum, th))
+
+
+def _evaluate_spike(state: SkuState, th: Thresholds, effects: list[Effect]) -> None:
+    """`return_spike` with the window as it is (after a settings event)."""
+    units = state.returned
+    minimum, ratio = _spike_thresholds(state, th)
+    if (units >= minimum and units >= ratio * state.picked) != state.return_spike:
+        effects.append(_flip_spike(state, units, minimum, th))
+
+
+def _flip_spike(state: SkuState, units: int, minimum: int, th: Thresholds) -> Alert:
+    spike = state.return_spike = not state.return_spike
+    what = "return spike" if spike else "return spike over"
+    msg = (
+        f"{state.key} {what}: {units} units returned vs {state.picked} picked "
+        f"in the last {th.return_window_hours}h"
+    )
+    return Alert("return_spike", "raised" if spike else "cleared", None, units, minimum, msg)
 
 
 def _prune(state: SkuState, start: int) -> None:
@@ -253,18 +351,48 @@ def timers(state: SkuState) -> dict[str, int]:
     return {}
 
 
-def view(state: SkuState) -> dict[str, Any]:
+def view(state: SkuState, th: Thresholds = _DEFAULTS) -> dict[str, Any]:
     """The `state` object of CONTRACT section 5."""
+    own = state.settings
+    locations = {}
+    for name, loc in sorted(state.locations.items()):
+        low, source = _low_stock_threshold(own, name, th)
+        locations[name] = {
+            "on_hand": loc.on_hand,
+            "reserved": loc.reserved,
+            "available": loc.on_hand - loc.reserved,
+            "low_stock_threshold": low,
+            "low_stock_threshold_from": source,
+        }
+    settings: dict[str, Any] = {}
+    if own is not None:
+        for field in SKU_SETTINGS:
+            value = getattr(own, field)
+            if value is not None:
+                settings[field] = value
+        if own.locations:
+            settings["locations"] = {
+                name: {"low_stock_threshold": value} for name, value in sorted(own.locations.items())
+            }
+    minimum, ratio = _spike_thresholds(state, th)
+    sku_low = own.low_stock_threshold if own is not None else None
+
+    def entry(value: Any, own_value: Any) -> dict[str, Any]:
+        return {"value": value, "from": "config" if own_value is None else "entity"}
+
     return {
-        "locations": {
-            name: {"on_hand": loc.on_hand, "reserved": loc.reserved, "available": loc.on_hand - loc.reserved}
-            for name, loc in sorted(state.locations.items())
-        },
+        "locations": locations,
         "available": state.available,
         "campaigns": list(state.campaigns),
         "out_of_stock": state.out_of_stock,
         "returned_in_window": state.returned,
         "picked_in_window": state.picked,
+        "settings": settings,
+        "effective": {
+            "low_stock_threshold": entry(th.low_stock_threshold if sku_low is None else sku_low, sku_low),
+            "return_spike_min_units": entry(minimum, own.return_spike_min_units if own else None),
+            "return_spike_ratio": entry(ratio, own.return_spike_ratio if own else None),
+        },
     }
 
 

@@ -15,6 +15,8 @@ DURATION_PATTERN: Final = r"^[0-9]+(\.[0-9]+)?(us|ms|s|m|h|d)$"
 Duration = Annotated[str, Meta(pattern=DURATION_PATTERN)]
 _UNIT_US: Final = {"us": 1, "ms": 1_000, "s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000}
 _DURATION_RE: Final = re.compile(DURATION_PATTERN)
+# Longer durations are refused: a deadline must stay a 64-bit integer of microseconds.
+_TOO_LONG_US: Final = 100 * 366 * 86_400_000_000
 
 SubjectToken = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
@@ -25,7 +27,10 @@ def duration_us(text: str) -> int:
     if m is None:
         raise ValueError(f"not a duration: {text!r} (use e.g. 500ms, 30s, 15m, 6h, 2d)")
     unit = m.group(2)
-    return round(float(text[: -len(unit)]) * _UNIT_US[unit])
+    us = float(text[: -len(unit)]) * _UNIT_US[unit]
+    if us >= _TOO_LONG_US:  # (also inf, from a number beyond binary64's range)
+        raise ValueError(f"duration too long: {text!r} (at most 100 years)")
+    return round(us)
 
 
 class ConfigError(Exception):
@@ -92,6 +97,8 @@ class SkuRules(_Section):
 
 class ShipmentRules(_Section):
     stall_after: Duration = "6h"
+    # stall_after per carrier (matched exactly, case-sensitive), e.g. { SURFACE-CO = "24h" }.
+    carriers: dict[str, str] = {}  # each value checked as a Duration in config_from_dict
 
 
 class CampaignRules(_Section):
@@ -99,6 +106,8 @@ class CampaignRules(_Section):
 
 
 class RulesConfig(_Section):
+    # A `ts` further ahead of the event's JetStream timestamp is invalid (CONTRACT section 2).
+    max_future_skew: Duration = "1h"
     sku: SkuRules = msgspec.field(default_factory=SkuRules)
     shipment: ShipmentRules = msgspec.field(default_factory=ShipmentRules)
     campaign: CampaignRules = msgspec.field(default_factory=CampaignRules)
@@ -178,7 +187,7 @@ def _validation_message(exc: msgspec.ValidationError, raw: dict[str, object]) ->
     default = _value_at(Config(), path)
     key = path.rsplit(".", 1)[-1]
     scalar = isinstance(default, (str, int, float)) and not isinstance(default, msgspec.Struct)
-    example = f", e.g. {key} = {_toml(default)}" if scalar else ""
+    example = f", e.g. {key} = {_toml(default)}" if scalar else _example(path)
     if isinstance(default, str) and _DURATION_RE.match(default) and value is not _MISSING:
         return (
             f"{path}: {_toml(value)} is not a duration: a string of a number and a unit "
@@ -189,16 +198,59 @@ def _validation_message(exc: msgspec.ValidationError, raw: dict[str, object]) ->
     return f"{path}: {text}{example}"
 
 
+_CARRIERS_EXAMPLE: Final = ', e.g. carriers = { SURFACE-CO = "24h", EXPRESS-CO = "90m" }'
+
+
+def _example(path: str) -> str:
+    """An example for keys whose default is no example (a table)."""
+    if path == "rules.shipment.carriers" or path.startswith(("rules.shipment.carriers.", "rules.shipment.carriers[")):
+        return _CARRIERS_EXAMPLE
+    return ""
+
+
+def _duration(path: str, text: str, example: str, *, positive: bool) -> int:
+    """Microseconds of a duration key's value; ConfigError names the key and a good value."""
+    try:
+        us = duration_us(text)
+    except ValueError as exc:
+        what = str(exc) if str(exc).startswith("duration too long") else (
+            f"{_toml(text)} is not a duration: a string of a number and a unit (us, ms, s, m, h, d) with no space"
+        )
+        raise ConfigError(f"{path}: {what}{example}") from None
+    if positive and us <= 0:
+        raise ConfigError(f"{path}: must be longer than 0{example}")
+    return us
+
+
+def _check_carriers(raw: dict[str, object]) -> None:
+    """Name the carrier whose value is not a string (msgspec would say `carriers[...]`)."""
+    rules = raw.get("rules")
+    shipment = rules.get("shipment") if isinstance(rules, dict) else None
+    carriers = shipment.get("carriers") if isinstance(shipment, dict) else None
+    if isinstance(carriers, dict):
+        for carrier, value in carriers.items():
+            if not isinstance(value, str):
+                raise ConfigError(
+                    f"rules.shipment.carriers.{carrier}: {_toml(value)} is not a duration string{_CARRIERS_EXAMPLE}"
+                )
+
+
 def config_from_dict(raw: dict[str, object], base_dir: str = "") -> Config:
     """Validate a parsed TOML document; ConfigError names the key's path and an example."""
     if "__base_dir__" in raw:
         raise ConfigError("__base_dir__: not a config key")
+    _check_carriers(raw)
     try:
         cfg = msgspec.convert({**raw, "__base_dir__": base_dir}, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(_validation_message(exc, raw)) from None
-    if cfg.rules.shipment.stall_after and duration_us(cfg.rules.shipment.stall_after) <= 0:
-        raise ConfigError('rules.shipment.stall_after: must be longer than 0, e.g. stall_after = "6h"')
+    shipment = cfg.rules.shipment
+    _duration("rules.shipment.stall_after", shipment.stall_after, ', e.g. stall_after = "6h"', positive=True)
+    for carrier, text in shipment.carriers.items():
+        if not carrier:
+            raise ConfigError(f"rules.shipment.carriers: a carrier name is empty{_CARRIERS_EXAMPLE}")
+        _duration(f"rules.shipment.carriers.{carrier}", text, _CARRIERS_EXAMPLE, positive=True)
+    _duration("rules.max_future_skew", cfg.rules.max_future_skew, ', e.g. max_future_skew = "1h"', positive=False)
     _check_lease(cfg)
     url = cfg.nats.url.strip()
     if url != "embedded":

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
-from typing import Annotated, Any, Final, Union
+from typing import Annotated, Any, Final, Literal, Union
 
 import msgspec
 from msgspec import Meta
+
+from contracts.config import DURATION_PATTERN, duration_us
 
 KINDS: Final = ("sku", "shipment", "campaign")
 
@@ -37,6 +39,20 @@ class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=Fal
 
     ts: Time | None = None
     id: str | None = None
+
+
+# --- settings (all three kinds, CONTRACT 2.4) ------------------------------------------
+
+Duration = Annotated[str, Meta(pattern=DURATION_PATTERN)]
+
+
+def _check_reset(event: Any) -> None:
+    """A name both set and reset is invalid (a name that is no setting fails at decode: a Literal)."""
+    reset = event.reset
+    if reset:
+        for name in reset:
+            if getattr(event, name) is not None:
+                raise ValueError(f"`{name}` is both set and reset - at `$.reset`")
 
 
 # --- sku -------------------------------------------------------------------------------
@@ -100,8 +116,39 @@ class CampaignUnlinked(_Event, tag="campaign_unlinked", frozen=True):
     campaign: Key
 
 
+SKU_SETTINGS: Final = ("low_stock_threshold", "return_spike_min_units", "return_spike_ratio")
+SkuSettingName = Literal["low_stock_threshold", "return_spike_min_units", "return_spike_ratio"]
+# Fields a SKU sets for the whole SKU only: with `location` they are invalid.
+SKU_WIDE_ONLY: Final = ("return_spike_min_units", "return_spike_ratio")
+
+
+class SkuSettings(_Event, tag="settings", frozen=True):
+    """Thresholds of one SKU, or with `location` of one of its locations (CONTRACT 2.4)."""
+
+    location: Location | None = None
+    low_stock_threshold: Int | None = None
+    return_spike_min_units: NonNegInt | None = None
+    return_spike_ratio: NonNegFloat | None = None
+    reset: list[SkuSettingName] | None = None
+
+    def __post_init__(self) -> None:
+        loc = self.location
+        if loc is not None:
+            if not loc.isprintable() and _CONTROL.search(loc) is not None:
+                raise ValueError("Expected `str` without control characters - at `$.location`")
+            for name in SKU_WIDE_ONLY:
+                if getattr(self, name) is not None:
+                    raise ValueError(f"`{name}` is SKU-wide only: not with `location` - at `$.{name}`")
+            if self.reset:
+                for name in self.reset:
+                    if name in SKU_WIDE_ONLY:
+                        raise ValueError(f"`{name}` is SKU-wide only: not reset with `location` - at `$.reset`")
+        _check_reset(self)
+
+
 SkuEvent = Union[
-    Received, Ordered, Cancelled, Picked, Returned, Adjusted, Counted, CampaignLinked, CampaignUnlinked
+    Received, Ordered, Cancelled, Picked, Returned, Adjusted, Counted, CampaignLinked, CampaignUnlinked,
+    SkuSettings,
 ]
 
 # --- shipment --------------------------------------------------------------------------
@@ -147,8 +194,29 @@ class Temperature(_Event, tag="temperature", frozen=True):
     celsius: float
 
 
+SHIPMENT_SETTINGS: Final = ("stall_after",)
+
+
+class ShipmentSettings(_Event, tag="settings", frozen=True):
+    """The shipment's own `stall_after` (CONTRACT 2.4)."""
+
+    stall_after: Duration | None = None
+    reset: list[Literal["stall_after"]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.stall_after is not None:
+            try:
+                us = duration_us(self.stall_after)
+            except ValueError as exc:
+                raise ValueError(f"{exc} - at `$.stall_after`") from None
+            if us <= 0:
+                raise ValueError("Expected a duration > 0 - at `$.stall_after`")
+        _check_reset(self)
+
+
 ShipmentEvent = Union[
-    Booked, PickedUp, InTransit, Delayed, OutForDelivery, DeliveryFailed, Delivered, Temperature
+    Booked, PickedUp, InTransit, Delayed, OutForDelivery, DeliveryFailed, Delivered, Temperature,
+    ShipmentSettings,
 ]
 
 # --- campaign --------------------------------------------------------------------------
@@ -189,8 +257,23 @@ class SkuBackInStock(_Event, tag="sku_back_in_stock", frozen=True):
     sku: Key
 
 
+CAMPAIGN_SETTINGS: Final = ("cpa_limit", "budget", "cpa_min_spend")
+
+
+class CampaignSettings(_Event, tag="settings", frozen=True):
+    """The campaign's limits (CONTRACT 2.4): `cpa_limit` and `budget` as `started` sets them."""
+
+    cpa_limit: float | None = None
+    budget: float | None = None
+    cpa_min_spend: NonNegFloat | None = None
+    reset: list[Literal["cpa_limit", "budget", "cpa_min_spend"]] | None = None
+
+    def __post_init__(self) -> None:
+        _check_reset(self)
+
+
 CampaignEvent = Union[
-    Started, Spend, Conversion, Paused, Resumed, Ended, SkuOutOfStock, SkuBackInStock
+    Started, Spend, Conversion, Paused, Resumed, Ended, SkuOutOfStock, SkuBackInStock, CampaignSettings
 ]
 
 Event = Union[SkuEvent, ShipmentEvent, CampaignEvent]
@@ -205,6 +288,18 @@ EVENT_UNIONS: Final[dict[str, Any]] = {
 def _tags(union: Any) -> frozenset[str]:
     return frozenset(t.__struct_config__.tag for t in union.__args__)
 
+
+# The settable fields of a `settings` event, per kind (CONTRACT 2.4).
+SETTINGS_FIELDS: Final[dict[str, tuple[str, ...]]] = {
+    "sku": SKU_SETTINGS,
+    "shipment": SHIPMENT_SETTINGS,
+    "campaign": CAMPAIGN_SETTINGS,
+}
+SETTINGS_TYPES: Final[dict[str, Any]] = {
+    "sku": SkuSettings,
+    "shipment": ShipmentSettings,
+    "campaign": CampaignSettings,
+}
 
 EVENT_TYPES: Final[dict[str, frozenset[str]]] = {k: _tags(u) for k, u in EVENT_UNIONS.items()}
 

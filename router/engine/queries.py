@@ -32,7 +32,7 @@ async def state_reply(rt: Runtime, kind: str, key: str) -> dict[str, Any]:
     if state is None or state.seq == 0:
         return {"kind": kind, "key": key, "seq": 0, "state": None, "exceptions": []}
     mod = actors.ACTORS[kind]
-    return {"kind": kind, "key": key, "seq": state.seq, "state": mod.view(state), "exceptions": mod.raised(state)}
+    return {"kind": kind, "key": key, "seq": state.seq, "state": mod.view(state, rt.thresholds), "exceptions": mod.raised(state)}
 
 
 async def serve_queries(rt: Runtime, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:

@@ -14,6 +14,7 @@ from contracts.events import (
     Adjusted,
     Booked,
     CampaignLinked,
+    CampaignSettings,
     CampaignUnlinked,
     Cancelled,
     Conversion,
@@ -31,8 +32,10 @@ from contracts.events import (
     Received,
     Resumed,
     Returned,
+    ShipmentSettings,
     SkuBackInStock,
     SkuOutOfStock,
+    SkuSettings,
     Spend,
     Started,
     Temperature,
@@ -68,6 +71,45 @@ QTY = st.integers(1, 12)
 CAMPAIGNS = st.sampled_from(["C1", "C2", "C3"])
 SKUS = st.sampled_from(["S1", "S2", "S3"])
 
+
+
+@st.composite
+def settings_event(draw: st.DrawFn, cls: type, fields: dict[str, st.SearchStrategy[Any]], **fixed: Any) -> Any:
+    """A valid `settings` event: each field set, reset or left alone (never both)."""
+    values: dict[str, Any] = {}
+    reset: list[str] = []
+    for name, strategy in fields.items():
+        choice = draw(st.sampled_from(["set", "reset", "absent"]))
+        if choice == "set":
+            values[name] = draw(strategy)
+        elif choice == "reset":
+            reset.append(name)
+    return cls(**fixed, **values, reset=reset or None)
+
+
+LOW = st.integers(-3, 12)
+SKU_SETTINGS = st.one_of(
+    settings_event(
+        SkuSettings,
+        {
+            "low_stock_threshold": LOW,
+            "return_spike_min_units": st.integers(0, 12),
+            "return_spike_ratio": st.sampled_from([0.0, 0.2, 0.5, 1.0, 2.0]),
+        },
+    ),
+    LOCS.flatmap(lambda loc: settings_event(SkuSettings, {"low_stock_threshold": LOW}, location=loc)),
+    settings_event(SkuSettings, {"low_stock_threshold": LOW}, location="UNSEEN"),
+)
+SHIPMENT_SETTINGS = settings_event(ShipmentSettings, {"stall_after": st.sampled_from(["30m", "1.5h", "2h", "6h", "3d"])})
+CAMPAIGN_SETTINGS = settings_event(
+    CampaignSettings,
+    {
+        "cpa_limit": st.sampled_from([1.0, 5.0, 20.0]),
+        "budget": st.sampled_from([5.0, 50.0, 200.0]),
+        "cpa_min_spend": st.sampled_from([0.0, 5.0, 100.0]),
+    },
+)
+
 SKU_EVENTS = st.one_of(
     st.builds(Received, location=LOCS, qty=QTY),
     st.builds(Ordered, location=LOCS, qty=QTY, order_id=st.just("o")),
@@ -78,6 +120,7 @@ SKU_EVENTS = st.one_of(
     st.builds(Counted, location=LOCS, on_hand=st.integers(0, 15)),
     st.builds(CampaignLinked, campaign=CAMPAIGNS),
     st.builds(CampaignUnlinked, campaign=CAMPAIGNS),
+    SKU_SETTINGS,
 )
 BOUND = st.none() | st.sampled_from([2.0, 8.0])
 SHIPMENT_EVENTS = st.one_of(
@@ -89,6 +132,7 @@ SHIPMENT_EVENTS = st.one_of(
     st.builds(DeliveryFailed),
     st.builds(Delivered),
     st.builds(Temperature, celsius=st.sampled_from([0.0, 2.0, 5.0, 8.0, 9.5])),
+    SHIPMENT_SETTINGS,
 )
 MONEY = st.sampled_from([0.1, 1.0, 2.5, 10.0, 40.0])
 CAMPAIGN_EVENTS = st.one_of(
@@ -105,6 +149,7 @@ CAMPAIGN_EVENTS = st.one_of(
     st.builds(Ended),
     st.builds(SkuOutOfStock, sku=SKUS),
     st.builds(SkuBackInStock, sku=SKUS),
+    CAMPAIGN_SETTINGS,
 )
 EVENTS = {"sku": SKU_EVENTS, "shipment": SHIPMENT_EVENTS, "campaign": CAMPAIGN_EVENTS}
 
@@ -240,11 +285,34 @@ def test_timed_kinds() -> None:
 # --- models: the incremental state equals a naive recomputation from the history ----------
 
 
+def _sku_settings(history: list[tuple[Any, int]]) -> tuple[dict[str, Any], dict[str, int]]:
+    """The SKU's own settings after `history`: SKU-wide fields, and location thresholds."""
+    wide: dict[str, Any] = {}
+    per_location: dict[str, int] = {}
+    for ev, _ in history:
+        if type(ev) is not SkuSettings:
+            continue
+        if ev.location is None:
+            for name in ("low_stock_threshold", "return_spike_min_units", "return_spike_ratio"):
+                if getattr(ev, name) is not None:
+                    wide[name] = getattr(ev, name)
+            for name in ev.reset or ():
+                wide.pop(name, None)
+        else:
+            if ev.low_stock_threshold is not None:
+                per_location[ev.location] = ev.low_stock_threshold
+            if ev.reset:
+                per_location.pop(ev.location, None)
+    return wide, per_location
+
+
 def _sku_model(history: list[tuple[Any, int]], th: Thresholds) -> dict[str, Any]:
     locs: dict[str, list[int]] = {}
     campaigns: set[str] = set()
     for ev, _ in history:
         t = type(ev)
+        if t is SkuSettings:
+            continue
         if t is CampaignLinked:
             campaigns.add(ev.campaign)
             continue
@@ -267,19 +335,25 @@ def _sku_model(history: list[tuple[Any, int]], th: Thresholds) -> dict[str, Any]
             c[0] += ev.delta
         elif t is Counted:
             c[0] = ev.on_hand
-    latest = max(ts // H for _, ts in history)
-    start = latest - th.return_window_hours + 1
+    # Settings events are no event time for the window (CONTRACT 2.4).
+    hours = [ts // H for ev, ts in history if type(ev) is not SkuSettings]
+    start = max(hours) - th.return_window_hours + 1 if hours else 0
     returned = sum(ev.qty for ev, ts in history if type(ev) is Returned and ts // H >= start)
     picked = sum(ev.qty for ev, ts in history if type(ev) is Picked and ts // H >= start)
     total = sum(a - b for a, b in locs.values())
+    wide, per_location = _sku_settings(history)
+    minimum = wide.get("return_spike_min_units", th.return_spike_min_units)
+    ratio = wide.get("return_spike_ratio", th.return_spike_ratio)
+    sku_low = wide.get("low_stock_threshold", th.low_stock_threshold)
     return {
         "locations": {k: (a, b) for k, (a, b) in locs.items()},
+        "low": {k: per_location.get(k, sku_low) for k in locs},
         "campaigns": sorted(campaigns),
         "available": total,
         "out_of_stock": not locs or total <= 0,
         "returned": returned,
         "picked": picked,
-        "return_spike": returned >= th.return_spike_min_units and returned >= th.return_spike_ratio * picked,
+        "return_spike": returned >= minimum and returned >= ratio * picked,
     }
 
 
@@ -300,9 +374,55 @@ def test_sku_state_matches_a_naive_model(acts: list[tuple[Any, ...]], th: Thresh
             m["picked"],
             m["return_spike"],
         )
-        for v in state.locations.values():
+        view = actors.view("sku", state, th)
+        for name, v in state.locations.items():
             a = v.on_hand - v.reserved
-            assert (v.stockout, v.low_stock, v.oversold) == (a <= 0, a <= th.low_stock_threshold, a < 0)
+            low = m["low"][name]
+            assert (v.stockout, v.low_stock, v.oversold) == (a <= 0, a <= low, a < 0)
+            assert view["locations"][name]["low_stock_threshold"] == low
+
+
+def _conditions(kind: str, state: Any, th: Thresholds, history: list[tuple[Any, int]]) -> dict[Any, bool]:
+    """Every location-scoped and SKU-wide condition recomputed from the history (sku only)."""
+    m = _sku_model(history, th)
+    out: dict[Any, bool] = {}
+    for name, (on_hand, reserved) in m["locations"].items():
+        a = on_hand - reserved
+        out[("stockout", name)] = a <= 0
+        out[("low_stock", name)] = a <= m["low"][name]
+        out[("oversold", name)] = a < 0
+    out[("return_spike", None)] = m["return_spike"]
+    return out
+
+
+@SETTINGS
+@given(
+    st.lists(
+        st.tuples(st.just("event"), st.one_of(SKU_SETTINGS, SKU_SETTINGS, SKU_EVENTS), TS), min_size=1, max_size=50
+    ),
+    THRESHOLDS,
+)
+def test_each_crossing_raises_or_clears_once_and_only_crossings_do(
+    acts: list[tuple[Any, ...]], th: Thresholds
+) -> None:
+    """Settings and counter events mixed: an alert for (rule, location) exactly when its condition flips."""
+    state: Any = None
+    history: list[tuple[Any, int]] = []
+    before: dict[Any, bool] = {}
+    for i, (_, ev, ts) in enumerate(acts, 1):
+        state, effects = actors.step("sku", state, "K-1", i, ev, ts, th)
+        history.append((ev, ts))
+        now = _conditions("sku", state, th, history)
+        flipped = {k for k, v in now.items() if v != before.get(k, False)}
+        got = [(e.rule, e.location) for e in effects if isinstance(e, Alert)]
+        assert len(got) == len(set(got))
+        assert set(got) == flipped
+        for e in effects:
+            if isinstance(e, Alert):
+                assert e.status == ("raised" if now[(e.rule, e.location)] else "cleared")
+                if e.rule == "low_stock":
+                    assert e.threshold == _sku_model(history, th)["low"][e.location]
+        before = now
 
 
 _RANK = {
@@ -370,9 +490,13 @@ def test_campaign_state_matches_a_naive_model(acts: list[tuple[Any, ...]], th: T
             revenue += ev.revenue or 0.0
         assert (state.spend, state.conversions, state.revenue) == (spend, conversions, revenue)
         limit, budget = state.cpa_limit, state.budget
+        own = [e.cpa_min_spend for _, e, _ in acts[:i] if type(e) is CampaignSettings and e.cpa_min_spend is not None]
+        resets = [j for j, (_, e, _) in enumerate(acts[:i]) if type(e) is CampaignSettings and "cpa_min_spend" in (e.reset or ())]
+        sets = [j for j, (_, e, _) in enumerate(acts[:i]) if type(e) is CampaignSettings and e.cpa_min_spend is not None]
+        min_spend = own[-1] if sets and (not resets or sets[-1] > resets[-1]) else th.cpa_min_spend
         assert state.cpa_exceeded == (
             limit is not None
-            and spend >= th.cpa_min_spend
+            and spend >= min_spend
             and (conversions == 0 or spend / conversions > limit)
         )
         assert state.budget_exhausted == (budget is not None and spend >= budget)
@@ -435,3 +559,78 @@ def test_campaigns_learn_the_stock_of_their_skus(acts: list[tuple[str, str, Any]
                     cs = states[("campaign", c)]
                     assert not cs.ended
                     assert s in cs.skus
+
+
+# --- settings: set, then reset, is the inherited behaviour again ----------------------------
+
+_SET = {
+    "sku": st.one_of(
+        st.builds(
+            SkuSettings,
+            low_stock_threshold=st.none() | LOW,
+            return_spike_min_units=st.none() | st.integers(0, 12),
+            return_spike_ratio=st.none() | st.sampled_from([0.0, 0.5, 2.0]),
+        ),
+        st.builds(SkuSettings, location=LOCS, low_stock_threshold=LOW),
+    ),
+    "shipment": st.builds(ShipmentSettings, stall_after=st.sampled_from(["30m", "2h", "3d"])),
+    # cpa_limit and budget inherit nothing (a reset removes them): only cpa_min_spend inherits.
+    "campaign": st.builds(CampaignSettings, cpa_min_spend=st.sampled_from([0.0, 5.0, 1000.0])),
+}
+
+
+def _reset_of(event: Any) -> Any:
+    fields = [f for f in ("low_stock_threshold", "return_spike_min_units", "return_spike_ratio",
+                          "stall_after", "cpa_min_spend") if getattr(event, f, None) is not None]
+    if type(event) is SkuSettings:
+        return SkuSettings(location=event.location, reset=fields)
+    return type(event)(reset=fields)
+
+
+def _plain(kind: str) -> st.SearchStrategy[list[tuple[Any, ...]]]:
+    return st.lists(
+        st.tuples(st.just("event"), EVENTS[kind].filter(lambda e: "Settings" not in type(e).__name__), TS),
+        max_size=30,
+    )
+
+
+SET_RESET_CASES = st.sampled_from(["sku", "shipment", "campaign"]).flatmap(
+    lambda kind: st.tuples(st.just(kind), _plain(kind), _SET[kind], st.integers(0, 30), st.integers(0, 30), THRESHOLDS)
+)
+
+
+@SETTINGS
+@given(SET_RESET_CASES)
+def test_set_then_reset_returns_exactly_the_inherited_behaviour(case: tuple[Any, ...]) -> None:
+    kind, acts, setting, i, j, th = case
+    i, j = sorted((min(i, len(acts)), min(j, len(acts))))
+    changed = [*acts[:i], ("event", setting, T0), *acts[i:j], ("event", _reset_of(setting), T0), *acts[j:]]
+    base_state, base_log = play(kind, acts, th)
+    state, log = play(kind, changed, th)
+    # Every event after the reset has exactly the effects it has without the setting...
+    assert log[j + 2 :] == base_log[j:]
+    if base_state is None:
+        return
+    # ...and the state is the same but for the two extra sequence numbers.
+    state.seq = base_state.seq
+    assert actors.encode_state(state) == actors.encode_state(base_state)
+    assert actors.raised(kind, state) == actors.raised(kind, base_state)
+    assert actors.timers(kind, state) == actors.timers(kind, base_state)
+    assert actors.view(kind, state, th) == actors.view(kind, base_state, th)
+
+
+def _has_settings(case: tuple[str, list[Any], Thresholds]) -> bool:
+    return any(act[0] == "event" and "Settings" in type(act[1]).__name__ for act in case[1])
+
+
+@SETTINGS
+@given(KIND_ACTIONS.filter(_has_settings), st.integers(0, 41))
+def test_settings_then_snapshot_then_resume_equals_a_full_fold(
+    case: tuple[str, list[Any], Thresholds], at: int
+) -> None:
+    kind, acts, th = case
+    state, log = play(kind, acts, th)
+    resumed, resumed_log = play(kind, acts, th, snapshot_at=at)
+    assert resumed_log == log
+    assert actors.encode_state(resumed) == actors.encode_state(state)
+    assert actors.view(kind, resumed, th) == actors.view(kind, state, th)

@@ -200,6 +200,12 @@ def test_view_and_raised() -> None:
         "cpa": 30.0,
         "cpa_limit": 1.0,
         "budget": 50.0,
+        "settings": {"cpa_limit": 1.0, "budget": 50.0},
+        "effective": {
+            "cpa_limit": {"value": 1.0, "from": "entity"},
+            "budget": {"value": 50.0, "from": "entity"},
+            "cpa_min_spend": {"value": 100.0, "from": "config"},
+        },
     }
     assert campaign.raised(c) == [
         {"rule": "cpa_exceeded", "location": None},

@@ -89,7 +89,13 @@ def test_available_is_summed_over_locations_and_may_be_negative() -> None:
     v = sku.view(s)
     assert v["available"] == -2
     assert list(v["locations"]) == ["A", "B"]  # sorted
-    assert v["locations"]["A"] == {"on_hand": 0, "reserved": 6, "available": -6}
+    assert v["locations"]["A"] == {
+        "on_hand": 0,
+        "reserved": 6,
+        "available": -6,
+        "low_stock_threshold": 5,
+        "low_stock_threshold_from": "config",
+    }
 
 
 def test_campaign_link_events_touch_no_location() -> None:
@@ -355,5 +361,11 @@ def test_view_has_the_contract_fields() -> None:
         "out_of_stock": True,
         "returned_in_window": 0,
         "picked_in_window": 0,
+        "settings": {},
+        "effective": {
+            "low_stock_threshold": {"value": 5, "from": "config"},
+            "return_spike_min_units": {"value": 10, "from": "config"},
+            "return_spike_ratio": {"value": 0.2, "from": "config"},
+        },
     }
     assert sku.raised(s) == []

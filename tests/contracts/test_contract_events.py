@@ -19,6 +19,7 @@ from contracts.events import (
     Adjusted,
     Booked,
     CampaignLinked,
+    CampaignSettings,
     CampaignUnlinked,
     Cancelled,
     Conversion,
@@ -36,8 +37,10 @@ from contracts.events import (
     Received,
     Resumed,
     Returned,
+    ShipmentSettings,
     SkuBackInStock,
     SkuOutOfStock,
+    SkuSettings,
     Spend,
     Started,
     Temperature,
@@ -62,7 +65,46 @@ def ev(cls: type, **fields: Any) -> st.SearchStrategy[Any]:
     return st.builds(cls, **fields, **COMMON)
 
 
+@st.composite
+def settings_event(draw: st.DrawFn, cls: type, fields: dict[str, st.SearchStrategy[Any]]) -> Any:
+    """A valid `settings` event: each field set, reset or left alone, never both."""
+    values: dict[str, Any] = {}
+    reset: list[str] = []
+    for name, strategy in fields.items():
+        choice = draw(st.sampled_from(["set", "reset", "absent"]))
+        if choice == "set":
+            values[name] = draw(strategy)
+        elif choice == "reset":
+            reset.append(name)
+    return cls(**values, reset=reset or draw(st.sampled_from([None, []])), **draw(st.fixed_dictionaries(COMMON)))
+
+
+DURATION = st.from_regex(r"[1-9][0-9]{0,3}(\.[0-9]{1,3})?(us|ms|s|m|h|d)", fullmatch=True)
+SKU_SETTINGS = st.one_of(
+    settings_event(
+        SkuSettings,
+        {
+            "low_stock_threshold": st.integers(-MAX_INT, MAX_INT),
+            "return_spike_min_units": st.integers(0, MAX_INT),
+            "return_spike_ratio": st.floats(min_value=0, allow_infinity=False),
+        },
+    ),
+    st.builds(
+        lambda loc, e: SkuSettings(
+            location=loc, low_stock_threshold=e.low_stock_threshold, reset=e.reset, ts=e.ts, id=e.id
+        ),
+        LOCATION,
+        settings_event(SkuSettings, {"low_stock_threshold": st.integers(-MAX_INT, MAX_INT)}),
+    ),
+)
+
 STRATEGIES: dict[type, st.SearchStrategy[Any]] = {
+    SkuSettings: SKU_SETTINGS,
+    ShipmentSettings: settings_event(ShipmentSettings, {"stall_after": DURATION}),
+    CampaignSettings: settings_event(
+        CampaignSettings,
+        {"cpa_limit": FLOAT, "budget": FLOAT, "cpa_min_spend": st.floats(min_value=0, allow_infinity=False)},
+    ),
     Received: ev(Received, location=LOCATION, qty=POS_INT),
     Ordered: ev(Ordered, location=LOCATION, qty=POS_INT, order_id=TEXT),
     Cancelled: ev(Cancelled, location=LOCATION, qty=POS_INT, order_id=TEXT),
@@ -126,15 +168,15 @@ def test_the_contract_tables_list_these_types() -> None:
     assert {
         "sku": frozenset(
             {"received", "ordered", "cancelled", "picked", "returned", "adjusted", "counted"}
-            | {"campaign_linked", "campaign_unlinked"}
+            | {"campaign_linked", "campaign_unlinked", "settings"}
         ),
         "shipment": frozenset(
             {"booked", "picked_up", "in_transit", "delayed", "out_for_delivery", "delivery_failed"}
-            | {"delivered", "temperature"}
+            | {"delivered", "temperature", "settings"}
         ),
         "campaign": frozenset(
             {"started", "spend", "conversion", "paused", "resumed", "ended", "sku_out_of_stock"}
-            | {"sku_back_in_stock"}
+            | {"sku_back_in_stock", "settings"}
         ),
     } == EVENT_TYPES
 
@@ -165,6 +207,14 @@ def test_json_schema_lists_every_kind() -> None:
     schema = json_schema()
     assert set(schema["properties"]) == set(KINDS)
     assert "Received" in schema["$defs"]
+    for kind, name in (("sku", "SkuSettings"), ("shipment", "ShipmentSettings"), ("campaign", "CampaignSettings")):
+        assert name in schema["$defs"]
+        assert schema["$defs"][name]["properties"]["type"] == {"enum": ["settings"]}
+        assert {"$ref": f"#/$defs/{name}"} in schema["properties"][kind]["anyOf"]
+    sku = schema["$defs"]["SkuSettings"]["properties"]
+    assert sku["reset"]["anyOf"][0]["items"]["enum"] == [
+        "low_stock_threshold", "return_spike_min_units", "return_spike_ratio"
+    ]
 
 
 def test_the_key_pattern_takes_a_whole_key() -> None:
