@@ -49,6 +49,31 @@ def parse_subject(subject: str) -> tuple[str, str]:
     )
 
 
+class Rejected(msgspec.Struct, frozen=True, gc=False):
+    """Why a stored subject is dead-lettered: the reason alone. A caught DecodeError holds its
+    traceback and through it the frames of the call (about 1.7 KB each), too much to keep
+    for every distinct bad subject a cache has seen."""
+
+    subject: str  # as read_subject gives it: bytes that are not UTF-8 escaped
+    code: str
+    detail: str
+
+
+StoredSubject = tuple[str, str, str, tuple[str, str]]
+
+
+def read_subject(subject: bytes) -> StoredSubject | Rejected:
+    """(subject, kind, key, (kind, key)) of a subject as stored in EVENTS, or why it is a
+    `bad_subject`. Bytes that are not valid UTF-8 are escaped (`events.sku.\\xff`): such a
+    subject is always bad, as no kind or key may hold a backslash."""
+    text = subject.decode("utf-8", "backslashreplace")
+    try:
+        kind, key = parse_subject(text)
+    except DecodeError as err:
+        return Rejected(text, err.code, err.detail)
+    return (text, kind, key, (kind, key))
+
+
 def subject_kind_token(subject: str) -> str:
     """The subject's kind token when it is one of the three kinds, else `unknown`."""
     tokens = subject.split(".")

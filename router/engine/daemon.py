@@ -20,7 +20,7 @@ from actors import Thresholds
 from contracts.config import Config, duration_us
 from router.engine.partition import Partition
 from router.jetstream import streams
-from router.jetstream.parser import FastParser
+from router.jetstream.parser import FastParser, Refusal
 from router.jetstream.publisher import Publisher
 from snapshots import Store, StoreDamagedError
 
@@ -69,6 +69,13 @@ class Runtime:
         parser = self.nc._ps
         assert isinstance(parser, FastParser), "connect with router.engine.daemon._connect"
         parser.handlers[sub._id] = handler
+
+    def refuse_bad_subjects(self, sub: Any, refusal: Refusal) -> None:
+        """Give `sub`'s messages whose subject or reply subject is not valid UTF-8 to `refusal`
+        (nats-py could not decode them; see router.jetstream.parser)."""
+        parser = self.nc._ps
+        assert isinstance(parser, FastParser), "connect with router.engine.daemon._connect"
+        parser.refusals[sub._id] = refusal
 
     def fatal(self, message: str) -> FatalError:
         return FatalError(message)
@@ -255,7 +262,7 @@ async def _connect(cfg: Config, url: str, holder: dict[str, Runtime]) -> NATS:
     try:
         with anyio.fail_after(15):
             nc = NATS()
-            nc._ps = FastParser(nc)  # see router/wire.py
+            nc._ps = FastParser(nc)  # see router/jetstream/parser.py
             await nc.connect(**opts)
             return nc
     except Exception as exc:

@@ -26,9 +26,11 @@ from contracts.decode import (
     ACTOR_ERROR,
     MAX_DEPTH,
     DecodeError,
+    Rejected,
+    StoredSubject,
     decode_event,
     decode_payload,
-    parse_subject,
+    read_subject,
     subject_kind_token,
 )
 from contracts.events import DECODERS, encode_event
@@ -49,6 +51,8 @@ log = structlog.get_logger()
 _EXC_ENCODER = msgspec.json.Encoder()
 _HDR_OVERHEAD = len("NATS/1.0\r\n\r\n")
 KEY_FILTER_PAGE = 4_000
+# Distinct subjects whose reading is cached (cleared when full).
+SUBJECT_CACHE: Final = 65_536
 # A waiting pull request expires after this; its 408 tells the partition it is caught up,
 # which is what lets a timer fire (so keep it well under a second).
 PULL_EXPIRES_NS = 400_000_000
@@ -103,7 +107,7 @@ class Partition:
         self.caught_up_us = 0  # wall time at which the consumer last had nothing more for us
         # Delivery.
         self._inq: deque[tuple[bytes, bytes, bytes, dict[str, str] | None]] = deque()
-        self._subjects: dict[bytes, tuple[str, str, str, tuple[str, str]] | DecodeError] = {}
+        self._subjects: dict[bytes, StoredSubject | Rejected] = {}
         # The newest queued message the last prefetch looked at (see _prefetch).
         self._prefetched: object = None
         self._wake = anyio.Event()
@@ -361,7 +365,7 @@ class Partition:
                     inq.clear()
                     self._fenced = True
                     break
-                self._on_status(hdr, data, subject.decode())  # a status names its request
+                self._on_status(hdr, data, subject.decode("utf-8", "replace"))  # a status names its request
                 continue
             delivered += 1
             tokens = reply.split(b".")
@@ -504,19 +508,12 @@ class Partition:
         elif data == b"" and not hdr:
             self._requests.pop(rid, None)
 
-    def _subject(self, subject: bytes) -> tuple[str, str, str, tuple[str, str]] | DecodeError:
-        """(subject, kind, key, (kind, key)) of a stored subject, or its bad_subject error; cached."""
+    def _subject(self, subject: bytes) -> StoredSubject | Rejected:
+        """(subject, kind, key, (kind, key)) of a stored subject, or why it is a bad_subject; cached."""
         cached = self._subjects.get(subject)
         if cached is None:
-            text = subject.decode("utf-8", "replace")
-            try:
-                kind, key = parse_subject(text)
-            except DecodeError as err:
-                err.subject = text
-                cached = err
-            else:
-                cached = (text, kind, key, (kind, key))
-            if len(self._subjects) >= 65_536:
+            cached = read_subject(subject)
+            if len(self._subjects) >= SUBJECT_CACHE:
                 self._subjects.clear()
             self._subjects[subject] = cached
         return cached
@@ -560,7 +557,7 @@ class Partition:
     ) -> None:
         """The uncommon outcomes of one message: dead letter, actor error, effects to publish."""
         publish = seq > self.suppress_through
-        if isinstance(parsed, DecodeError):
+        if isinstance(parsed, Rejected):
             if publish:
                 entry = self._entry(seq, reply, prev_seq, prev_reply)
                 await self._dead_letter(entry, parsed.subject, data, parsed.code, parsed.detail)

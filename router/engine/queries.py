@@ -12,6 +12,7 @@ from nats.aio.msg import Msg
 
 import actors
 from contracts import KEY_RE
+from router.jetstream.parser import escape, is_utf8
 from router.jetstream.streams import partition_of
 
 if TYPE_CHECKING:
@@ -55,12 +56,24 @@ async def serve_queries(rt: Runtime, *, task_status: Any = anyio.TASK_STATUS_IGN
         with contextlib.suppress(Exception):
             await nc.publish(msg.reply, _ENC.encode(body))
 
+    async def refuse(subject: bytes, reply: bytes) -> bool:
+        """A request whose subject is not valid UTF-8: answered with an error when its reply subject is."""
+        if not reply or not is_utf8(reply):
+            return False
+        body = {
+            "error": f"expected router.state.<sku|shipment|campaign>.<key>, got '{escape(subject)}'"
+            " (not valid UTF-8)"
+        }
+        await nc.publish(reply.decode(), _ENC.encode(body))
+        return True
+
     async def on_health(msg: Msg) -> None:
         if msg.reply:
             with contextlib.suppress(Exception):
                 await nc.publish(msg.reply, _ENC.encode(rt.health()))
 
     subs = [await nc.subscribe("router.state.>", cb=on_state), await nc.subscribe("router.health", cb=on_health)]
+    rt.refuse_bad_subjects(subs[0], refuse)
     task_status.started()
     try:
         await anyio.sleep_forever()

@@ -129,7 +129,7 @@ class Publisher:
         self.on_ack_raw(msg.subject.encode(), b"", msg.data, msg.headers)
 
     def on_ack_raw(self, subject: bytes, reply: bytes, data: bytes, hdr: dict[str, str] | None) -> None:
-        token = subject[subject.rfind(b".") + 1 :].decode()
+        token = subject[subject.rfind(b".") + 1 :].decode("utf-8", "replace")
         p = self._pending.get(token)
         if p is None:
             return  # answer to an earlier try that was already confirmed
