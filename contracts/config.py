@@ -11,6 +11,8 @@ from typing import Annotated, Final, Literal
 import msgspec
 from msgspec import Meta
 
+from contracts.secrets import check_secret_forms, given, redact_text, secret_forms
+
 DURATION_PATTERN: Final = r"^[0-9]+(\.[0-9]+)?(us|ms|s|m|h|d)$"
 Duration = Annotated[str, Meta(pattern=DURATION_PATTERN)]
 _UNIT_US: Final = {"us": 1, "ms": 1_000, "s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000}
@@ -42,13 +44,32 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class NatsConfig(_Section):
+    """`[nats]`: where the server is and how to reach it securely.
+
+    Every credential and TLS key is optional; an empty string is the same as leaving the key
+    out. Secrets (`password`, `token`, `nkey_seed`) may also be given as `<key>_file` (a path)
+    or `<key>_env` (a variable's name): see contracts/secrets.py. Paths are relative to the
+    config file's folder. `router.jetstream.connection.connect_options` turns this into the
+    options of a connection, for the daemon and the client commands alike.
+    """
+
     url: str = "embedded"
     embedded_port: Annotated[int, Meta(ge=0, le=65535)] = 4222
-    # Credentials (all optional): never logged.
     user: str | None = None
     password: str | None = None
+    password_file: str | None = None
+    password_env: str | None = None
     token: str | None = None
-    creds: str | None = None
+    token_file: str | None = None
+    token_env: str | None = None
+    nkey_seed: str | None = None  # a user's nkey seed (SU...)
+    nkey_seed_file: str | None = None
+    nkey_seed_env: str | None = None
+    creds: str | None = None  # a .creds file (user JWT and seed), as `nsc` writes them
+    tls_ca: str | None = None  # PEM file of the CA(s) that signed the server's certificate
+    tls_cert: str | None = None  # PEM client certificate (with tls_key: mutual TLS)
+    tls_key: str | None = None  # PEM private key of tls_cert
+    tls_handshake_first: bool = False  # TLS before the server's INFO (server: tls { handshake_first: true })
 
 
 class StreamsConfig(_Section):
@@ -257,8 +278,11 @@ def config_from_dict(raw: dict[str, object], base_dir: str = "") -> Config:
         for part in url.split(","):
             if not re.match(r"^(nats|tls|ws|wss)://[^\s]+$", part.strip()):
                 raise ConfigError(
-                    f"nats.url: {part.strip()!r} is not 'embedded' or a nats://host:port URL"
+                    f"nats.url: {redact_text(part.strip())!r} is not 'embedded' or a nats://host:port URL"
                 )
+    problem = check_secret_forms(raw) or _check_nats(raw.get("nats"), cfg.nats)
+    if problem:
+        raise ConfigError(problem)
     return cfg
 
 
@@ -273,6 +297,35 @@ def _check_lease(cfg: Config) -> None:
             f"router.lease ({r.lease!r}), so that two renewals can fail before the lease lapses, "
             f'e.g. lease = "10s", lease_renew_every = "3s"'
         )
+
+
+def _check_nats(raw: object, n: NatsConfig) -> str | None:
+    """Credential and TLS keys that only make sense together, or not at all."""
+    table: dict[str, object] = raw if isinstance(raw, dict) else {}
+    has_user, has_password = given(n.user), bool(secret_forms(table, "password"))
+    if has_password and not has_user:
+        return 'nats.user: required with nats.password (e.g. user = "router")'
+    if has_user and not has_password:
+        return 'nats.password: required with nats.user (e.g. password_file = "/run/secrets/nats_password")'
+    if has_user and secret_forms(table, "token"):
+        return "nats.token: give user and password, or token, not both"
+    if given(n.creds) and secret_forms(table, "nkey_seed"):
+        return "nats.nkey_seed: give creds (a .creds file holds the seed) or nkey_seed, not both"
+    if given(n.tls_cert) != given(n.tls_key):
+        missing = "tls_key" if given(n.tls_cert) else "tls_cert"
+        return (
+            f"nats.{missing}: tls_cert and tls_key go together "
+            '(e.g. tls_cert = "certs/client.pem", tls_key = "certs/client-key.pem")'
+        )
+    tls = [k for k in ("tls_ca", "tls_cert", "tls_key") if given(getattr(n, k))]
+    if n.tls_handshake_first:
+        tls.append("tls_handshake_first")
+    if tls and n.url.strip() == "embedded":
+        return (
+            f"nats.{tls[0]}: TLS settings are for an external server; the embedded one listens on "
+            'loopback without TLS (set e.g. url = "tls://nats.example.com:4222")'
+        )
+    return None
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:

@@ -8,7 +8,9 @@ from typing import Final, Literal, TextIO
 
 import structlog
 import structlog.tracebacks
-from structlog.typing import Processor
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+from contracts.secrets import redact, redact_text
 
 LogFormat = Literal["auto", "console", "json"]
 
@@ -51,6 +53,24 @@ class _StderrHandler(logging.Handler):
             self.handleError(record)
 
 
+def redact_secrets(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """Every log line's fields through `contracts.secrets.redact`: secret keys masked, and URL
+    credentials, nkey seeds, JWTs and private keys masked inside any text."""
+    out: EventDict = redact(event_dict)
+    return out
+
+
+def redact_rendered(_logger: WrappedLogger, _method: str, line: Any) -> Any:
+    """The rendered line once more (a traceback the console renderer formats itself)."""
+    return redact_text(line) if isinstance(line, str) else line
+
+
+# A traceback's local variables can hold anything, secrets included: frames without them.
+_dict_tracebacks = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
+
+
 def _renderer(fmt: LogFormat, stream: TextIO) -> tuple[Processor, bool]:
     """The final processor and whether the output is for people."""
     if fmt == "auto":
@@ -59,7 +79,10 @@ def _renderer(fmt: LogFormat, stream: TextIO) -> tuple[Processor, bool]:
     if fmt == "console":
         isatty = getattr(stream, "isatty", None)
         colors = bool(isatty is not None and isatty())
-        return structlog.dev.ConsoleRenderer(colors=colors, sort_keys=False), True
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=colors, sort_keys=False, exception_formatter=structlog.dev.plain_traceback
+        )
+        return renderer, True
     return structlog.processors.JSONRenderer(), False
 
 
@@ -68,6 +91,8 @@ def configure_logging(level: str = "info", fmt: LogFormat = "auto", *, stream: T
 
     `fmt="auto"` renders human-readable lines when stderr is a terminal and JSON lines
     otherwise. Timestamps are ISO 8601 in UTC. `level` is debug, info, warning or error.
+    Secrets never reach the output: every line, the router's and the libraries', passes
+    `redact_secrets` before it is rendered and `redact_rendered` after.
     """
     try:
         level_no = LEVELS[level.lower()]
@@ -80,7 +105,12 @@ def configure_logging(level: str = "info", fmt: LogFormat = "auto", *, stream: T
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    tail: list[Processor] = [renderer] if human else [structlog.processors.dict_tracebacks, renderer]
+    tail: list[Processor] = [
+        *([] if human else [_dict_tracebacks]),
+        redact_secrets,
+        renderer,
+        redact_rendered,
+    ]
     structlog.configure(
         processors=[*shared, structlog.processors.StackInfoRenderer(), *tail],
         wrapper_class=structlog.make_filtering_bound_logger(level_no),

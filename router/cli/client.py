@@ -7,15 +7,15 @@ import errno
 import os
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import anyio
-import nats
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
 from nats.errors import NoServersError
 
 from contracts.config import Config
+from contracts.secrets import redact
+from router.jetstream.connection import connect_options
 from router.jetstream.embedded import read_url_file, url_file
 
 DEFAULT_CONNECT_TIMEOUT = 2.0
@@ -31,6 +31,10 @@ class ServerURL:
 
     url: str
     source: str
+
+    def __str__(self) -> str:
+        """The URL as shown to people: credentials in it are masked."""
+        return str(redact(self.url))
 
 
 def resolve_server(
@@ -64,23 +68,6 @@ def resolve_server(
     )
 
 
-def connect_options(cfg: Config | None) -> dict[str, Any]:
-    """Credentials from `[nats]` (never logged)."""
-    if cfg is None:
-        return {}
-    opts: dict[str, Any] = {}
-    n = cfg.nats
-    if n.user is not None:
-        opts["user"] = n.user
-    if n.password is not None:
-        opts["password"] = n.password
-    if n.token is not None:
-        opts["token"] = n.token
-    if n.creds is not None:
-        opts["user_credentials"] = str(cfg.resolve(n.creds))
-    return opts
-
-
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED:
         return "connection refused"
@@ -107,35 +94,35 @@ async def connect(
     """
     if isinstance(server, str):
         server = ServerURL(server, "argument")
-    servers = [s.strip() for s in server.url.split(",") if s.strip()]
     errors: list[BaseException] = []
 
     async def error_cb(exc: Exception) -> None:
         # nats-py prints every socket error by default; keep them for one message instead.
         errors.append(exc)
 
+    opts = connect_options(cfg, server.url, name=name, error_cb=error_cb)
+    nc = NATS()
     try:
         # nats-py retries a refused server forever unless max_reconnect_attempts > 0; with
         # 1 it tries each server twice, reconnect_time_wait apart, then gives up.
-        with anyio.fail_after(2 * len(servers) * (connect_timeout + 0.2) + 1):
-            nc = await nats.connect(
-                servers=servers,
-                name=name,
+        with anyio.fail_after(2 * len(opts["servers"]) * (connect_timeout + 0.2) + 1):
+            opts.update(
                 connect_timeout=connect_timeout,
                 allow_reconnect=False,
                 max_reconnect_attempts=1,
                 reconnect_time_wait=0.1,
                 ping_interval=ping_interval,
                 max_outstanding_pings=2,
-                error_cb=error_cb,
-                **connect_options(cfg),
             )
+            await nc.connect(**opts)
     except (NoServersError, OSError, TimeoutError, NatsError) as exc:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(1), contextlib.suppress(Exception):
+            await nc.close()  # a half-open socket (a TLS handshake that never came) is not left behind
         hint = ""
         if server.source not in ("--server", "NATS_URL", "[nats] url", "argument"):
             hint = f" (URL from {server.source}; is the router running?)"
         cause = errors[-1] if errors and isinstance(exc, (NoServersError, TimeoutError)) else exc
-        raise ClientError(f"cannot connect to {server.url}: {_describe(cause)}{hint}") from None
+        raise ClientError(f"cannot connect to {server}: {redact(_describe(cause))}{hint}") from None
     try:
         yield nc
     finally:

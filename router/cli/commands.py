@@ -110,7 +110,7 @@ def cmd_pub(args: argparse.Namespace) -> int:
                         ack = await js.publish(subject, data, headers=hdrs or None, timeout=5)
                     except (NoRespondersError, NatsTimeoutError):
                         raise ClientError(
-                            f"no stream stores {subject} on {server.url} (the router creates "
+                            f"no stream stores {subject} on {server} (the router creates "
                             f"{cfg.streams.events} when it starts)"
                         ) from None
                     dup = " (duplicate, dropped by the stream)" if ack.duplicate else ""
@@ -143,7 +143,7 @@ async def _check_events_stream(nc: Any, cfg: Config, server: ServerURL, subjects
         info = await nc.jsm().stream_info(stream)
     except NotFoundError:
         raise ClientError(
-            f"stream {stream} not found on {server.url}: nothing would store the event, so nothing was "
+            f"stream {stream} not found on {server}: nothing would store the event, so nothing was "
             "published; start the router (it creates the stream) or pass --config with its [streams] events"
         ) from None
     except (NatsError, TimeoutError):
@@ -173,7 +173,7 @@ def cmd_state(args: argparse.Namespace) -> int:
                 reply = await nc.request(subject, b"", timeout=args.timeout)
             except NoRespondersError:
                 raise ClientError(
-                    f"no responder on {subject} at {server.url}: is the router running?"
+                    f"no responder on {subject} at {server}: is the router running?"
                 ) from None
             except NatsTimeoutError:
                 raise ClientError(
@@ -242,14 +242,14 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 sub = await js.subscribe(subject, stream=stream, ordered_consumer=True, deliver_policy=policy)
             except NotFoundError:
                 raise ClientError(
-                    f"stream {stream} not found on {server.url}: the router creates it when it starts"
+                    f"stream {stream} not found on {server}: the router creates it when it starts"
                 ) from None
             except APIError as exc:
                 raise ClientError(f"cannot watch {subject} in {stream}: {exc.description or exc}") from None
             if not args.json:
                 which = "from the start" if args.all else "new ones"
                 print(
-                    f"watching {subject} in {stream} on {server.url} ({which}); Ctrl-C to stop",
+                    f"watching {subject} in {stream} on {server} ({which}); Ctrl-C to stop",
                     file=sys.stderr,
                 )
             seen = 0
@@ -273,7 +273,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
             # server stopped (a router with the embedded server stops it too) or dropped us.
             shown = f" after {seen} exception{'s' if seen != 1 else ''}" if seen else ""
             raise ClientError(
-                f"lost the connection to {server.url}{shown}: the server went away; run `router watch` "
+                f"lost the connection to {server}{shown}: the server went away; run `router watch` "
                 "again once the router is back (--all replays the stream from the start)"
             )
 
@@ -337,7 +337,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 await nc.jsm().stream_info(cfg.streams.events)
             except NotFoundError:
                 print(
-                    f"warning: stream {cfg.streams.events} does not exist on {server.url}: nothing stores "
+                    f"warning: stream {cfg.streams.events} does not exist on {server}: nothing stores "
                     "these events until a router runs (router run)",
                     file=sys.stderr,
                 )
@@ -353,7 +353,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             span = f"for {args.duration:g}s" if args.duration else "until Ctrl-C"
             print(
                 f"simulating a D2C brand's operations at {args.rate:g}/s {span} (seed {args.seed}) on "
-                f"{server.url}; see the exceptions with `router watch`",
+                f"{server}; see the exceptions with `router watch`",
                 file=sys.stderr,
             )
 

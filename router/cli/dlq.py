@@ -96,17 +96,17 @@ async def _dlq_show(cfg: Config, server: ServerURL, stream: str, args: argparse.
                 number = await _find_by_events_seq(nc, stream, args.events_seq)
             except NotFoundError:
                 raise ClientError(
-                    f"stream {stream} not found on {server.url}: the router creates it when it starts"
+                    f"stream {stream} not found on {server}: the router creates it when it starts"
                 ) from None
             if number is None:
                 raise ClientError(
-                    f"no dead letter of EVENTS sequence {args.events_seq} in {stream} on {server.url}"
+                    f"no dead letter of EVENTS sequence {args.events_seq} in {stream} on {server}"
                 )
         try:
             msg = await nc.jsm().get_msg(stream, number)
         except NotFoundError:
             raise ClientError(
-                f"no dead letter #{number} in stream {stream} on {server.url} "
+                f"no dead letter #{number} in stream {stream} on {server} "
                 "(`router dlq list` shows the numbers)"
             ) from None
     data = bytes(msg.data or b"")
@@ -142,7 +142,7 @@ async def _dlq_list(cfg: Config, server: ServerURL, stream: str, args: argparse.
             info = await jsm.stream_info(stream, subjects_filter=subject if args.kind else None)
         except NotFoundError:
             raise ClientError(
-                f"stream {stream} not found on {server.url}: the router creates it when it starts"
+                f"stream {stream} not found on {server}: the router creates it when it starts"
             ) from None
         first, last = int(info.state.first_seq or 0), int(info.state.last_seq or 0)
         total = sum((info.state.subjects or {}).values()) if args.kind else int(info.state.messages or 0)

@@ -12,12 +12,13 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any
 
 import msgspec
 
 from contracts.config import Config, ConfigError, load_config
 from contracts.events import KINDS, json_schema
+from contracts.secrets import redact
 from router import __version__
 from router.cli.client import ClientError
 from router.cli.commands import cmd_pub, cmd_simulate, cmd_state, cmd_watch, rate_arg, share_arg
@@ -42,8 +43,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from router.engine.daemon import run
     from router.jetstream.embedded import EmbeddedServerError
     from router.logs import configure_logging
+    from router.secrets import resolve_all
 
     cfg = load_config(args.config)
+    resolve_all(cfg)  # a secret's file or variable missing: a config error now, not at connect
     configure_logging(args.log_level or cfg.log.level, args.log_format or cfg.log.format)
     try:
         return int(run_async(run, cfg))
@@ -57,8 +60,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise
 
 
-
-_SECRET_KEYS: Final = {"password", "token"}
 
 
 def _toml_value(value: Any) -> str:
@@ -74,14 +75,11 @@ def _toml_value(value: Any) -> str:
 
 
 def effective_config(cfg: Config) -> dict[str, Any]:
-    """The config as plain data, defaults filled in, secrets masked."""
+    """The config as plain data, defaults filled in, secrets masked (`contracts.secrets.redact`)."""
     data: dict[str, Any] = msgspec.to_builtins(cfg)
     data.pop("__base_dir__", None)
-    nats = data.get("nats", {})
-    for key in _SECRET_KEYS:
-        if nats.get(key) is not None:
-            nats[key] = "***"
-    return data
+    shown: dict[str, Any] = redact(data)
+    return shown
 
 
 def config_toml(cfg: Config) -> str:
@@ -105,7 +103,10 @@ def config_toml(cfg: Config) -> str:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from router.secrets import resolve_all
+
     cfg = load_config(args.config)
+    resolve_all(cfg)  # every `_file` and `_env` secret can be read (and is not shown)
     source = args.config or ("config.toml" if os.path.exists("config.toml") else "(built-in defaults)")
     if args.json:
         print(json.dumps(effective_config(cfg), indent=2))

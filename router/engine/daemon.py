@@ -17,9 +17,11 @@ from nats.aio.client import Client as NATS
 from nats.js.manager import JetStreamManager
 
 from actors import Thresholds
-from contracts.config import Config, duration_us
+from contracts.config import Config, ConfigError, duration_us
+from contracts.secrets import redact
 from router.engine.partition import Partition
 from router.jetstream import streams
+from router.jetstream.connection import connect_options
 from router.jetstream.parser import FastParser, Refusal
 from router.jetstream.publisher import Publisher
 from snapshots import Store, StoreDamagedError
@@ -137,7 +139,7 @@ class Runtime:
                 tg.start_soon(self._health_file_loop)
                 log.info(
                     "router_started",
-                    url=_redact(self.url),
+                    url=redact(self.url),
                     partitions=len(self.partitions),
                     snapshots=str(cfg.snapshot_path),
                 )
@@ -212,26 +214,18 @@ class Runtime:
             await anyio.sleep(1.0)
 
 
-def _redact(url: str) -> str:
-    import re
-
-    return re.sub(r"//[^@/]+@", "//***@", url)
-
-
 async def _connect(cfg: Config, url: str, holder: dict[str, Runtime]) -> NATS:
-    servers = [u.strip() for u in url.split(",") if u.strip()]
-
     async def disconnected() -> None:
         rt = holder.get("rt")
         if rt is not None and rt.closing:
             return  # our own close at the end of a stop
-        log.warning("nats_disconnected", url=_redact(url))
+        log.warning("nats_disconnected", url=redact(url))
         if rt is not None:
             for p in rt.partitions:
                 p.on_disconnected()
 
     async def reconnected() -> None:
-        log.info("nats_reconnected", url=_redact(url))
+        log.info("nats_reconnected", url=redact(url))
         rt = holder.get("rt")
         if rt is not None:
             for p in rt.partitions:
@@ -240,25 +234,19 @@ async def _connect(cfg: Config, url: str, holder: dict[str, Runtime]) -> NATS:
     async def error(exc: Exception) -> None:
         log.warning("nats_error", error=repr(exc))
 
-    opts: dict[str, Any] = {
-        "servers": servers,
-        "max_reconnect_attempts": -1,
-        "reconnect_time_wait": 0.5,
-        "connect_timeout": 3,
-        "allow_reconnect": True,
-        "disconnected_cb": disconnected,
-        "reconnected_cb": reconnected,
-        "error_cb": error,
-        "pending_size": 64 * 1024 * 1024,
-        "name": "ops-router",
-    }
-    n = cfg.nats
-    if n.user:
-        opts["user"], opts["password"] = n.user, n.password or ""
-    if n.token:
-        opts["token"] = n.token
-    if n.creds:
-        opts["user_credentials"] = str(cfg.resolve(n.creds))
+    try:
+        opts = connect_options(
+            cfg, url, name="ops-router", disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error
+        )
+    except ConfigError as exc:
+        raise FatalError(f"config error: {exc}") from None
+    opts.update(
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=3,
+        allow_reconnect=True,
+        pending_size=64 * 1024 * 1024,
+    )
     try:
         with anyio.fail_after(15):
             nc = NATS()
@@ -266,7 +254,7 @@ async def _connect(cfg: Config, url: str, holder: dict[str, Runtime]) -> NATS:
             await nc.connect(**opts)
             return nc
     except Exception as exc:
-        raise FatalError(f"cannot connect to NATS at {_redact(url)} (nats.url): {exc!r}") from None
+        raise FatalError(f"cannot connect to NATS at {redact(url)} (nats.url): {exc!r}") from None
 
 
 async def _close_nats(nc: NATS) -> None:

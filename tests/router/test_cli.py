@@ -152,7 +152,7 @@ def test_check_config_prints_toml_that_validates_again(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / "config.toml").write_text(
-        '[nats]\nurl = "nats://127.0.0.1:4333"\npassword = "s3cret"\n[rules.sku]\nlow_stock_threshold = 3\n'
+        '[nats]\nurl = "nats://127.0.0.1:4333"\nuser = "router"\npassword = "s3cret"\n[rules.sku]\nlow_stock_threshold = 3\n'
     )
     code, out, err = run(["check-config"], capsys)
     assert code == 0, err

@@ -3,7 +3,9 @@
 `NatsServer.start()` returns once the server accepts connections with JetStream on;
 `stop()` is a graceful SIGTERM, `kill()` a SIGKILL, and `start()` again brings it back on
 the same port and store (fault-injection tests). The fixture in tests/conftest.py always
-stops it at teardown.
+stops it at teardown. `config=` adds a server config file (TLS, users); `ready_in_log=True`
+waits for the log's "Server is ready" instead of a plain-text INFO (a server that speaks TLS
+first sends none).
 """
 
 from __future__ import annotations
@@ -59,8 +61,18 @@ def server_info(port: int, timeout: float = 0.5) -> dict[str, object] | None:
 class NatsServer:
     """One nats-server process with JetStream on `127.0.0.1:<port>`, store in `store_dir`."""
 
-    def __init__(self, store_dir: Path, port: int | None = None, *, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        store_dir: Path,
+        port: int | None = None,
+        *,
+        log_path: Path | None = None,
+        config: Path | None = None,
+        ready_in_log: bool = False,
+    ) -> None:
         self.store_dir = Path(store_dir)
+        self.config = config
+        self.ready_in_log = ready_in_log
         self.port = port if port is not None else free_port()
         self.url = f"nats://{HOST}:{self.port}"
         self.log_path = log_path or self.store_dir.with_name(self.store_dir.name + ".log")
@@ -82,6 +94,8 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.starts += 1
         cmd = [find_nats_server(), "-js", "-a", HOST, "-p", str(self.port), "-sd", str(self.store_dir)]
+        if self.config is not None:
+            cmd += ["-c", str(self.config)]
         with open(self.log_path, "ab") as log:
             offset = log.tell()
             self.proc = subprocess.Popen(
@@ -91,9 +105,13 @@ class NatsServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 break
-            info = server_info(self.port)
-            if info is not None and info.get("jetstream"):
-                return
+            if self.ready_in_log:
+                if "Server is ready" in self._log_tail(offset, lines=1000):
+                    return
+            else:
+                info = server_info(self.port)
+                if info is not None and info.get("jetstream"):
+                    return
             time.sleep(0.02)
         self.kill()
         raise RuntimeError(f"nats-server on {self.url} did not start: {self._log_tail(offset)}")
