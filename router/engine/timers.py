@@ -51,6 +51,9 @@ class Timers:
         self._next_horizon = 0
         self._horizon_full = False  # the last horizon load stopped at HORIZON_ROWS
         self.recovering_until_us = 0  # due before this (the start): may have fired before a crash
+        # Every timer due up to here has been fired (its effects handed to the publisher) or
+        # found stale, as of the last fire_due: what a caller can wait on.
+        self.fired_through_us = 0
         # Firings whose exceptions are not all confirmed yet:
         # key -> [ActorRecord right after the firing, publishes outstanding, snapshot generation then].
         self.unconfirmed: dict[Key, list[Any]] = {}
@@ -112,8 +115,6 @@ class Timers:
             # (no snapshot is forced here: that would hold up the partition).
             await self.load_horizon()
         heap = self.heap
-        if not heap:
-            return
         limit = min(now, max(p.caught_up_us, ns_to_us(p.stream_ts_ns)))
         while heap and heap[0][0] <= limit:
             due: list[tuple[int, str, str, str]] = []
@@ -157,6 +158,7 @@ class Timers:
                 )
                 if publish:
                     log.info("timer_fired", kind=kind, key=key, timer=name, deadline=rfc3339(deadline))
+        self.fired_through_us = min(limit, self.horizon_until)
 
     def _done(self, k: Key) -> None:
         pending = self.unconfirmed.get(k)

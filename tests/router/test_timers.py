@@ -29,6 +29,7 @@ from contracts.times import rfc3339
 from router.engine import timers as timers_mod
 from router.engine.daemon import Runtime
 from router.engine.partition import PULL_EXPIRES_NS, Partition
+from router.jetstream.publisher import Publisher
 from tests.support.harness import make_config, publish_all, query_state, running_router, settle, wait_for
 from tests.support.oracle import read_stream
 from tests.support.stored import load_actor
@@ -123,10 +124,13 @@ class ExceptionsTail:
 
 
 async def saw_clock(rt: Runtime, clock: VirtualClock) -> None:
-    """Until every partition has seen the stream up to the clock's now, and had time to fire."""
+    """Until every partition has seen the stream up to the clock's now and fired every timer due
+    by then, and the stream has confirmed what those firings published."""
     now = clock()
-    await wait_for(lambda: all(p.caught_up_us >= now for p in rt.partitions), 10.0)
-    await anyio.sleep(0.3)
+    await wait_for(
+        lambda: all(p.timers.fired_through_us >= now for p in rt.partitions) and rt.publisher.outstanding == 0,
+        10.0,
+    )
 
 
 async def stream_ids(url: str) -> Counter[str]:
@@ -359,7 +363,8 @@ async def test_a_firing_published_before_a_crash_is_not_published_again(
 ) -> None:
     """The timer fired and its exception reached the stream, but the fired state never reached
     SQLite. After the restart the timer is due again: the router finds the exception already
-    in EXCEPTIONS and does not publish it twice, even past the stream's duplicate window."""
+    in EXCEPTIONS and does not send it again (so the stream's duplicate window, short here, is
+    not what keeps it from being published twice)."""
     url = nats_server.url
     v0 = start_us()
     clock = VirtualClock(v0)
@@ -370,6 +375,16 @@ async def test_a_firing_published_before_a_crash_is_not_published_again(
         streams={"duplicate_window": "100ms"},
     )
     d = v0 + H
+    sent: list[str] = []  # Nats-Msg-Id of every publish the routers send
+    publish = Publisher.publish
+
+    async def recorded(
+        self: Publisher, subject: str, payload: bytes, headers: dict[str, str], done: Any, **kw: Any
+    ) -> None:
+        sent.append(headers["Nats-Msg-Id"])
+        await publish(self, subject, payload, headers, done, **kw)
+
+    monkeypatch.setattr(Publisher, "publish", recorded)
     skip_store = monkeypatch.context()
     with skip_store as m:
 
@@ -383,11 +398,12 @@ async def test_a_firing_published_before_a_crash_is_not_published_again(
             await rt.partitions[0]._maybe_snapshot(force=True)  # stored before the firing
             clock.advance_to(d)
             await tail.wait_for(stalled_id("K", timer(d)))
-            await anyio.sleep(0.2)
+            # Confirmed: from here an unpatched router would store the fired state.
+            await wait_for(lambda: rt.publisher.outstanding == 0, 5.0)
     stored = await _stored_state(cfg, "shipment", "K")
     assert stored is not None
     assert not stored.stalled, "the test needs the fired state unstored"
-    await anyio.sleep(0.3)  # past the duplicate window
+    assert sent.count(stalled_id("K", timer(d))) == 1
     clock.advance_to(d + MIN)
     async with running_router(cfg, clock) as rt:
         await saw_clock(rt, clock)
@@ -396,6 +412,7 @@ async def test_a_firing_published_before_a_crash_is_not_published_again(
         await publish_all(url, [ship("K", "in_transit", d + MIN)])
         await settle(url, cfg, rt)
         seq = (await query_state(url, "shipment", "K"))["seq"]
+    assert sent.count(stalled_id("K", timer(d))) == 1, "sent again after the restart"
     assert await stream_ids(url) == Counter({stalled_id("K", timer(d)): 1, stalled_id("K", seq): 1})
 
 

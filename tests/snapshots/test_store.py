@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -246,11 +247,25 @@ async def test_concurrent_tasks_do_not_interleave_transactions(store: Store) -> 
     assert (await store.stats()).timers == 6000
 
 
-async def test_reads_do_not_wait_for_a_write_in_progress(store: Store) -> None:
-    """Loads see the last committed state while a large snapshot is being written, then the new one."""
+async def test_reads_do_not_wait_for_a_write_in_progress(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loads see the last committed state while a large snapshot is being written, then the new one.
+
+    The write is held open inside its transaction, after its rows went in and before COMMIT,
+    until the reads are done: reads that waited for the write would time out.
+    """
     await store.write_snapshot(0, [rec("A", 1, {"t": 1})], applied_seq=1)
     big = [rec(f"K{i}", 2) for i in range(60_000)] + [rec("A", 2, {"t": 2})]
+    written = anyio.Event()  # the rows are in, not committed
+    release = anyio.Event()
     done = anyio.Event()
+    put_actors = store_module._put_actors
+
+    async def put_and_hold(*args: Any) -> None:
+        await put_actors(*args)
+        written.set()
+        await release.wait()
+
+    monkeypatch.setattr(store_module, "_put_actors", put_and_hold)
     seen_during: list[object] = []
 
     async def write() -> None:
@@ -260,11 +275,13 @@ async def test_reads_do_not_wait_for_a_write_in_progress(store: Store) -> None:
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
             tg.start_soon(write)
-            await anyio.sleep(0.02)  # the write is under way (it takes a few hundred ms)
-            seen_during.append(await load_actor(store, "sku", "A"))
-            seen_during.append(await store.due_timers(0, 10))
-            seen_during.append(await store.marks(0))
+            await written.wait()
+            with anyio.fail_after(10):
+                seen_during.append(await load_actor(store, "sku", "A"))
+                seen_during.append(await store.due_timers(0, 10))
+                seen_during.append(await store.marks(0))
             seen_during.append(done.is_set())
+            release.set()
     assert seen_during == [(1, b"sku:A@1"), [DueTimer(1, "sku", "A", "t")], PartitionMarks(1, 0), False]
     assert await load_actor(store, "sku", "A") == (2, b"sku:A@2")  # after the write returned
     assert await store.marks(0) == PartitionMarks(2, 0)
