@@ -184,16 +184,16 @@ def create_file(path: Path) -> None:
         raise StoreError(f"cannot create snapshot store {path}: {e}") from e
 
 
-def quarantine_file(path: Path) -> Path:
-    """Move `path` and its -wal/-shm aside to `<name>.damaged-<UTC timestamp>[-n]`; return the new path."""
+def quarantine_file(path: Path, label: str = "damaged") -> Path:
+    """Move `path` and its -wal/-shm aside to `<name>.<label>-<UTC timestamp>[-n]`; return the new path."""
     if not path.exists():
         raise StoreError(f"cannot quarantine snapshot store {path}: no such file")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    target = path.with_name(f"{path.name}.damaged-{stamp}")
+    target = path.with_name(f"{path.name}.{label}-{stamp}")
     n = 0
     while any(p.exists() for p in (target, wal_path(target), shm_path(target))):
         n += 1
-        target = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+        target = path.with_name(f"{path.name}.{label}-{stamp}-{n}")
     try:
         # The log first: a log left beside a fresh store would be replayed into it.
         for side, dest in ((wal_path(path), wal_path(target)), (shm_path(path), shm_path(target))):

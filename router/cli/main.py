@@ -33,6 +33,7 @@ from router.cli.common import (
     single_exception,
 )
 from router.cli.dlq import cmd_dlq, dead_letter_number
+from router.cli.store import add_store_commands
 
 # --- run, check-config, schema ---------------------------------------------------------
 
@@ -381,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--linger", type=float, default=1.0, metavar="S", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_simulate)
+
+    add_store_commands(sub, config_opt)
     return parser
 
 
