@@ -71,6 +71,16 @@ _dict_tracebacks = structlog.processors.ExceptionRenderer(
 )
 
 
+def _no_starttls_eof_warning(record: logging.LogRecord) -> bool:
+    """Drop asyncio's "returning true from eof_received() has no effect when using ssl".
+
+    nats-py upgrades a plain connection to TLS (`loop.start_tls`), so asyncio's stream protocol
+    does not know it is over TLS and asyncio warns each time such a connection closes: one noise
+    line per client command and per reconnect against a TLS server, saying nothing wrong.
+    """
+    return not (record.name == "asyncio" and str(record.msg).startswith("returning true from eof_received()"))
+
+
 def _renderer(fmt: LogFormat, stream: TextIO) -> tuple[Processor, bool]:
     """The final processor and whether the output is for people."""
     if fmt == "auto":
@@ -127,6 +137,7 @@ def configure_logging(level: str = "info", fmt: LogFormat = "auto", *, stream: T
     )
     handler = _StderrHandler(stream)
     handler.setFormatter(formatter)
+    handler.addFilter(_no_starttls_eof_warning)
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
         root.removeHandler(old)

@@ -155,6 +155,8 @@ def _log_everything(fmt: str) -> str:
         except RuntimeError:
             log.exception("failed")
         logging.getLogger("nats.aio.client").error("nats: error from %s", URL)
+        # Noise asyncio logs whenever a connection upgraded to TLS closes: dropped.
+        logging.getLogger("asyncio").warning("returning true from eof_received() has no effect when using ssl")
     finally:
         configure_logging("info", "json", stream=io.StringIO())
     return out.getvalue()
