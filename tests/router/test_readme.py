@@ -46,6 +46,10 @@ def test_readme_pub_and_check_config_examples_match_the_real_output(
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("NATS_URL", raising=False)
     (tmp_path / "bad.toml").write_text('[rules.shipment]\nstall_after = "6 hours"\n')
+    monkeypatch.delenv("NATS_PASSWORD", raising=False)
+    (tmp_path / "prod.toml").write_text(
+        '[nats]\nurl = "nats://127.0.0.1:4222"\nuser = "router"\npassword_env = "NATS_PASSWORD"\n'
+    )
     anyio.run(_events_stream, nats_server.url)
     examples = [(argv, out) for argv, out in console_examples(README.read_text()) if argv[0] in ("pub", "check-config")]
     assert len(examples) >= 3, examples
