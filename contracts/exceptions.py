@@ -1,4 +1,15 @@
-"""The exception payload (CONTRACT.md section 3.1) and its deterministic id."""
+"""The exception payload (CONTRACT.md section 3.1) and the deterministic ids of every effect.
+
+An effect's `Nats-Msg-Id` names its cause, so a restart can tell which effects of an event it
+did not acknowledge are stored already and the streams' duplicate windows drop a retry:
+
+- an exception: `exception_id` (`<kind>:<key>:<rule>:<location>:<status>:<cause>`);
+- a message to another actor: `message_id` (`msg:<kind>:<key>:<cause>:<type>:<to kind>:<to key>`);
+- a dead letter: `dead_letter_id` (`dead:<seq>`).
+
+The cause is the event's stream sequence, or `timer_cause` for a timer firing. `effect_cause`
+reads it back.
+"""
 
 from __future__ import annotations
 
@@ -39,3 +50,25 @@ def timer_cause(deadline_us: int) -> str:
 
 def exception_subject(kind: str, rule: str, key: str) -> str:
     return f"exceptions.{kind}.{rule}.{key}"
+
+
+def message_id(kind: str, key: str, cause: str, event_type: str, to_kind: str, to_key: str) -> str:
+    """`msg:<kind>:<key>:<cause>:<event type>:<target kind>:<target key>`: an actor's message to another."""
+    return f"msg:{kind}:{key}:{cause}:{event_type}:{to_kind}:{to_key}"
+
+
+def dead_letter_id(seq: int) -> str:
+    """`dead:<seq>`: the dead letter of the event at stream sequence `seq`."""
+    return f"dead:{seq}"
+
+
+def effect_cause(msg_id: str) -> int | None:
+    """The event sequence an effect's `Nats-Msg-Id` names (None for a timer's or a foreign id)."""
+    if msg_id.startswith("dead:"):
+        cause = msg_id[5:]
+    elif msg_id.startswith("msg:"):
+        parts = msg_id.split(":")
+        cause = parts[3] if len(parts) > 3 else ""
+    else:
+        cause = msg_id.rpartition(":")[2]
+    return int(cause) if cause.isdigit() else None

@@ -519,7 +519,7 @@ class _Watch:
         self.max_lag = 0.0
 
     def _running(self) -> bool:
-        return bool(getattr(self.p, "_snapshot_running", False))
+        return bool(self.p.snapshots.running)
 
     async def run(self) -> None:
         current: dict[str, Any] | None = None
@@ -532,8 +532,8 @@ class _Watch:
                 running = self._running()
                 if running and current is None:
                     # The partition notes when it started one (this ticker may be held up by it).
-                    began = getattr(self.p, "_last_snapshot", now)
-                    current = {"start": began if now - 1.0 < began <= now else now, "end": None, "actors": len(getattr(self.p, "_writing", ()) or ()),
+                    began = self.p.snapshots.last
+                    current = {"start": began if now - 1.0 < began <= now else now, "end": None, "actors": len(self.p.snapshots.writing),
                                "max_lag_ms": 0.0}
                     self.snapshots.append(current)
                 elif not running and current is not None:
@@ -563,11 +563,11 @@ def _stats(rt: Any, watch: _Watch) -> dict[str, Any]:
         "t": time.monotonic(),
         "applied_seq": p.applied_seq,
         "processed": p.processed,
-        "exceptions": getattr(p, "exceptions_sent", None),
+        "exceptions": p.outbox.exceptions_sent,
         "dead_lettered": getattr(p, "dead_lettered", None),
         "resident": len(p.resident),
-        "dirty": len(p.dirty),
-        "snapshot_seq": getattr(p, "snapshot_seq", None),
+        "dirty": len(p.snapshots.dirty),
+        "snapshot_seq": p.snapshots.snapshot_seq,
         "rss_kib": proc_status_kib(),
         "hwm_kib": proc_status_kib(field="VmHWM"),
         "snapshots": watch.snapshots,
@@ -670,7 +670,7 @@ def host(cfg_path: str, marks: list[int], trace_stalls_ms: float = 0) -> int:
                     # Every change written back: no dirty actors, no snapshot running, marks current.
                     ok = False
                     with anyio.move_on_after(float(cmd.get("timeout", 120))):
-                        while p.dirty or watch._running() or p.snapshot_seq < p.applied_seq:  # noqa: ASYNC110
+                        while p.snapshots.dirty or watch._running() or p.snapshots.snapshot_seq < p.applied_seq:  # noqa: ASYNC110
                             await anyio.sleep(0.05)
                         ok = True
                     emit(settled=ok, **_stats(rt, watch))

@@ -30,12 +30,11 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import MappingProxyType, TracebackType
-from typing import Final, Literal, NamedTuple, Self
+from typing import Final, NamedTuple, Self
 
 import aiosqlite
 import anyio
@@ -44,9 +43,21 @@ import anyio.to_thread
 import msgspec
 
 from snapshots import _schema
+from snapshots._connection import READ_MMAP_BYTES, WRITER_NICENESS, Synchronous, configure, verify_schema
 from snapshots.errors import StoreDamagedError, StoreError
 
-Synchronous = Literal["OFF", "NORMAL", "FULL"]
+__all__ = [
+    "NO_TIMERS",
+    "READ_MMAP_BYTES",
+    "WRITER_NICENESS",
+    "ActorRecord",
+    "DueTimer",
+    "PartitionMarks",
+    "Store",
+    "StoreStats",
+    "Synchronous",
+]
+
 _SYNCHRONOUS: Final = ("OFF", "NORMAL", "FULL")
 
 NO_TIMERS: Final[Mapping[str, int]] = MappingProxyType({})
@@ -140,8 +151,6 @@ _LOAD_ACTORS: Final = (
 )
 _LOAD_ROWS: Final = 20_000
 _JSON_DECODE: Final = msgspec.json.Decoder(list[tuple[str, int, int]]).decode
-# How much of the store the read connection maps (address space, not memory; see _configure).
-READ_MMAP_BYTES: Final = 256 * 1024 * 1024
 
 # Answered from the covering index timers_due (partition, deadline_us, kind, key, name):
 # the cost depends on the rows returned, not on how many timers lie further ahead.
@@ -198,11 +207,11 @@ class Store:
         try:
             db = await aiosqlite.connect(uri, uri=True, isolation_level=None)
             opened.append(db)
-            await _configure(db, p, synchronous, cache_mib, busy_timeout_ms)
-            await _verify_schema(db, p)
+            await configure(db, p, synchronous, cache_mib, busy_timeout_ms)
+            await verify_schema(db, p)
             reader = await aiosqlite.connect(uri, uri=True, isolation_level=None)
             opened.append(reader)
-            await _configure(reader, p, synchronous, cache_mib, busy_timeout_ms, reader=True)
+            await configure(reader, p, synchronous, cache_mib, busy_timeout_ms, reader=True)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 for conn in opened:
@@ -493,86 +502,6 @@ def _json_array(items: list[bytes]) -> str:
     """The JSON array of the elements of several encoded arrays (each without its brackets), as
     text: newer SQLite reads a BLOB argument to a JSON function as its binary JSONB."""
     return (b"[" + b",".join(items) + b"]").decode()
-
-
-async def _configure(
-    db: aiosqlite.Connection,
-    path: Path,
-    synchronous: Synchronous,
-    cache_mib: int,
-    busy_timeout_ms: int,
-    *,
-    reader: bool = False,
-) -> None:
-    await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-    await db.execute(f"PRAGMA cache_size = {-int(cache_mib) * 1024}")  # negative: KiB
-    await db.execute("PRAGMA temp_store = MEMORY")
-    if reader:
-        await db.execute("PRAGMA query_only = ON")
-        # Actor loads read pages at random all over a large store: mapped, they are read from the
-        # OS page cache without a system call each (restart catch-up with 1M actors stored, 3 runs
-        # of scripts/bench: 0.66x -> 0.73x the baseline). The writer reads through its own cache,
-        # so the pages a snapshot touches do not add to the process's resident memory.
-        await db.execute(f"PRAGMA mmap_size = {READ_MMAP_BYTES}")
-        return
-    ((mode,),) = await db.execute_fetchall("PRAGMA journal_mode = WAL")
-    if mode != "wal":
-        raise StoreError(
-            f"snapshot store {path}: SQLite WAL mode is not available here (journal_mode={mode})"
-        )
-    await db.execute(f"PRAGMA synchronous = {synchronous}")
-    await _lower_writer_priority(db)
-    # After a checkpoint, shrink a log that a large snapshot grew.
-    await db.execute("PRAGMA journal_size_limit = 67108864")
-
-
-# The writer's thread runs at this niceness: snapshot writes are background work, and with
-# the event loop and nats-server on the same cores they should give way to both. Measured
-# with scripts/bench (snapshot scenario, 2 x 3 runs each way): the longest event-loop stall
-# while 100k actors were written went from 4.9-8.4 ms to 4.1-5.0 ms, the exception p99
-# meanwhile from medians of 9.8 / 10.8 ms to 9.0 / 9.8 ms.
-WRITER_NICENESS: Final = 10
-
-
-async def _lower_writer_priority(db: aiosqlite.Connection) -> None:
-    """Lower the priority of the writer connection's own thread (Linux only: elsewhere
-    setpriority would apply to the whole process)."""
-    if sys.platform != "linux":
-        return
-
-    def lower() -> int:
-        try:  # PRIO_PROCESS with who=0: on Linux, the calling thread alone
-            os.setpriority(os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0), WRITER_NICENESS))
-        except OSError:
-            return 0
-        return 1
-
-    # A function SQLite calls is run in the connection's thread, where the statement runs.
-    await db.create_function("ops_router_lower_priority", 0, lower)
-    await db.execute("SELECT ops_router_lower_priority()")
-
-
-async def _verify_schema(db: aiosqlite.Connection, path: Path) -> None:
-    found = {
-        str(name): str(kind)
-        for name, kind in await db.execute_fetchall(
-            "SELECT name, type FROM sqlite_master WHERE name IN ("
-            + ",".join("?" * len(_schema.REQUIRED))
-            + ")",
-            tuple(_schema.REQUIRED),
-        )
-    }
-    missing = [name for name, kind in _schema.REQUIRED.items() if found.get(name) != kind]
-    if missing:
-        raise StoreDamagedError(path, f"missing schema: no {', '.join(missing)}")
-    rows = list(await db.execute_fetchall("SELECT value FROM meta WHERE name = 'schema_version'"))
-    if not rows:
-        raise StoreDamagedError(path, "missing schema: no schema_version row in meta")
-    version = rows[0][0]
-    if version != str(_schema.SCHEMA_VERSION):
-        raise StoreDamagedError(
-            path, f"schema version {version!s:.20}, this build reads version {_schema.SCHEMA_VERSION}"
-        )
 
 
 def _translate(path: Path, e: sqlite3.Error, op: str) -> StoreError:

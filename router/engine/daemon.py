@@ -19,22 +19,22 @@ from nats.js.manager import JetStreamManager
 from actors import Thresholds
 from contracts.config import Config, ConfigError, duration_us
 from contracts.secrets import redact
+from router.engine.deps import PartitionDeps
 from router.engine.partition import Partition
+from router.engine.queries import serve_queries
+from router.engine.startup import open_store
+from router.errors import FatalError
 from router.jetstream import streams
 from router.jetstream.connection import connect_options
 from router.jetstream.parser import FastParser, Refusal
 from router.jetstream.publisher import Publisher
-from snapshots import Store, StoreDamagedError
+from snapshots import Store
 
 log = structlog.get_logger()
 
 
 # Of `[router] shutdown_timeout`, what a stop keeps for closing the NATS connection (flushing acks).
 CLOSE_S = 1.0
-
-
-class FatalError(Exception):
-    """The router cannot start or go on; the message says what to do."""
 
 
 def wall_clock_us() -> int:
@@ -54,7 +54,19 @@ class Runtime:
         self.horizon_us = duration_us(cfg.router.timer_horizon)
         self.snapshot_every_s = duration_us(cfg.snapshots.every) / 1e6
         self.publisher = Publisher(nc)
-        self.partitions = [Partition(self, i) for i in range(cfg.router.partitions)]
+        deps = PartitionDeps(
+            cfg=cfg,
+            nc=nc,
+            jsm=self.jsm,
+            store=store,
+            publisher=self.publisher,
+            thresholds=self.thresholds,
+            now_us=clock,
+            raw_path=self.raw_path,
+            horizon_us=self.horizon_us,
+            snapshot_every_s=self.snapshot_every_s,
+        )
+        self.partitions = [Partition(deps, i) for i in range(cfg.router.partitions)]
         self.started_at = time.monotonic()
         self._stop = anyio.Event()
         self.closing = False  # set once the final snapshot is written: the connection closes next
@@ -79,9 +91,6 @@ class Runtime:
         assert isinstance(parser, FastParser), "connect with router.engine.daemon._connect"
         parser.refusals[sub._id] = refusal
 
-    def fatal(self, message: str) -> FatalError:
-        return FatalError(message)
-
     @classmethod
     @asynccontextmanager
     async def open(cls, cfg: Config, clock: Callable[[], int] = wall_clock_us) -> AsyncIterator[Runtime]:
@@ -101,7 +110,7 @@ class Runtime:
                 infos = await streams.ensure_streams(jsm, cfg)
             except streams.StreamSetupError as exc:
                 raise FatalError(str(exc)) from None
-            store = await _open_store(cfg, infos[cfg.streams.events])
+            store = await open_store(cfg, infos[cfg.streams.events])
             stack.push_async_callback(store.close)
             rt = cls(cfg, nc, store, clock)
             rt.url = url
@@ -124,15 +133,13 @@ class Runtime:
         gc.collect()
         gc.freeze()
         for p in self.partitions:
-            try:
-                await p.prepare()
-            except FatalError:
-                raise
+            await p.prepare()
         async with anyio.create_task_group() as tg:
             await tg.start(self.publisher.serve, self.raw_path)
-            from router.engine.queries import serve_queries
-
-            await tg.start(serve_queries, self)
+            await tg.start(
+                serve_queries, self.nc, self.partitions, self.store, self.thresholds, self.health,
+                self.refuse_bad_subjects,
+            )
             async with anyio.create_task_group() as parts:
                 for p in self.partitions:
                     await parts.start(p.run)
@@ -183,13 +190,13 @@ class Runtime:
                 "partition": p.index,
                 "applied_seq": p.applied_seq,
                 "effects_confirmed_seq": p.effects_seq,
-                "snapshot_seq": p.snapshot_seq,
+                "snapshot_seq": p.snapshots.snapshot_seq,
                 "resident_actors": len(p.resident),
-                "dirty_actors": len(p.dirty),
+                "dirty_actors": len(p.snapshots.dirty),
                 "timers_due_soon": len(p.timers.heap),
                 "processed": p.processed,
-                "dead_lettered": p.dead_lettered,
-                "exceptions": p.exceptions_sent,
+                "dead_lettered": p.outbox.dead_lettered,
+                "exceptions": p.outbox.exceptions_sent,
             }
             for p in self.partitions
         ]
@@ -264,38 +271,6 @@ async def _close_nats(nc: NATS) -> None:
         except Exception:
             with suppress(Exception):
                 await nc.close()
-
-
-async def _open_store(cfg: Config, events_info: Any) -> Store:
-    """Open the snapshot store; rebuild from the stream when damaged and the stream still has it all."""
-    path = cfg.snapshot_path
-    first = int(events_info.state.first_seq or 0)
-    has_history = first <= 1  # never purged: sequence 1 onward is all there
-    try:
-        store = await Store.open(path, synchronous=cfg.snapshots.synchronous)
-    except StoreDamagedError as exc:
-        if not has_history:
-            raise FatalError(
-                f"snapshot store {path} is damaged ({exc.reason}) and stream {cfg.streams.events} "
-                f"no longer holds the whole history (it starts at sequence {first}; events "
-                f"1..{first - 1} are gone), so state cannot be rebuilt from it. Restore {path} from a "
-                f"backup and start again; the damaged file was left in place"
-            ) from None
-        moved = await Store.quarantine(path)
-        log.error("snapshot_store_damaged", path=str(path), reason=exc.reason, moved_to=str(moved),
-                  action="rebuilding from the stream")
-        store = await Store.open(path, synchronous=cfg.snapshots.synchronous)
-    if store.created and not has_history:
-        await store.close()
-        path.unlink(missing_ok=True)
-        raise FatalError(
-            f"snapshot store {path} does not exist but stream {cfg.streams.events} already starts at "
-            f"sequence {first} (earlier events are gone): state cannot be rebuilt from the stream. "
-            f"Restore {path} from a backup"
-        )
-    if store.created and int(events_info.state.messages or 0):
-        log.warning("snapshot_store_new", path=str(path), action="rebuilding state from the stream")
-    return store
 
 
 async def run(cfg: Config, clock: Callable[[], int] = wall_clock_us) -> int:

@@ -3,41 +3,57 @@
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import anyio
 import msgspec
 import structlog
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 import actors
+from actors import Thresholds
 from contracts import KEY_RE
-from router.jetstream.parser import escape, is_utf8
+from router.engine.partition import Partition
+from router.jetstream.parser import Refusal, escape, is_utf8
 from router.jetstream.streams import partition_of
-
-if TYPE_CHECKING:
-    from router.engine.daemon import Runtime
+from snapshots import Store
 
 log = structlog.get_logger()
 _ENC = msgspec.json.Encoder()
 
 
-async def state_reply(rt: Runtime, kind: str, key: str) -> dict[str, Any]:
+async def state_reply(
+    partitions: Sequence[Partition], store: Store, thresholds: Thresholds, kind: str, key: str
+) -> dict[str, Any]:
     """The section-5 reply for one key: live state when resident, else the stored one."""
-    part = rt.partitions[partition_of(key, len(rt.partitions))]
+    part = partitions[partition_of(key, len(partitions))]
     state = part.resident.get((kind, key))
     if state is None:
-        found = await rt.store.load_actors([(kind, key)])
+        found = await store.load_actors([(kind, key)])
         item = found.get((kind, key))
         state = actors.decode_state(kind, item[1]) if item is not None else None
     if state is None or state.seq == 0:
         return {"kind": kind, "key": key, "seq": 0, "state": None, "exceptions": []}
     mod = actors.ACTORS[kind]
-    return {"kind": kind, "key": key, "seq": state.seq, "state": mod.view(state, rt.thresholds), "exceptions": mod.raised(state)}
+    return {"kind": kind, "key": key, "seq": state.seq, "state": mod.view(state, thresholds), "exceptions": mod.raised(state)}
 
 
-async def serve_queries(rt: Runtime, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
-    nc = rt.nc
+async def serve_queries(
+    nc: NATS,
+    partitions: Sequence[Partition],
+    store: Store,
+    thresholds: Thresholds,
+    health: Callable[[], dict[str, Any]],
+    refuse_bad_subjects: Callable[[Any, Refusal], None],
+    *,
+    task_status: Any = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Answer `router.state.<kind>.<key>` and `router.health` until cancelled.
+
+    `refuse_bad_subjects(sub, refusal)` hands a subscription's requests whose subject is not
+    valid UTF-8 to `refusal` (see router.jetstream.parser)."""
 
     async def on_state(msg: Msg) -> None:
         if not msg.reply:
@@ -49,7 +65,7 @@ async def serve_queries(rt: Runtime, *, task_status: Any = anyio.TASK_STATUS_IGN
             }
         else:
             try:
-                body = await state_reply(rt, tokens[2], tokens[3])
+                body = await state_reply(partitions, store, thresholds, tokens[2], tokens[3])
             except Exception as exc:
                 log.error("state_query_failed", subject=msg.subject, error=repr(exc))
                 body = {"error": f"state query failed: {exc!r}"}
@@ -70,10 +86,10 @@ async def serve_queries(rt: Runtime, *, task_status: Any = anyio.TASK_STATUS_IGN
     async def on_health(msg: Msg) -> None:
         if msg.reply:
             with contextlib.suppress(Exception):
-                await nc.publish(msg.reply, _ENC.encode(rt.health()))
+                await nc.publish(msg.reply, _ENC.encode(health()))
 
     subs = [await nc.subscribe("router.state.>", cb=on_state), await nc.subscribe("router.health", cb=on_health)]
-    rt.refuse_bad_subjects(subs[0], refuse)
+    refuse_bad_subjects(subs[0], refuse)
     task_status.started()
     try:
         await anyio.sleep_forever()

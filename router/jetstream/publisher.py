@@ -68,10 +68,16 @@ class Publisher:
         self.published = 0
         self.retried = 0
         self.fenced = 0  # unconfirmed publishes dropped because their partition's lease ended
+        self._idle: anyio.Event | None = None  # see wait_idle
 
     @property
     def outstanding(self) -> int:
         return len(self._pending)
+
+    @property
+    def max_payload(self) -> int:
+        """The largest message (headers included) the server accepts."""
+        return int(self._nc.max_payload)
 
     async def serve(
         self, raw_path: Callable[..., None] | None = None, *, task_status: Any = anyio.TASK_STATUS_IGNORED
@@ -155,6 +161,8 @@ class Publisher:
         del self._pending[token]
         if p.done is not None:
             p.done()
+        if not self._pending and self._idle is not None:
+            self._idle.set()
 
     async def _retry_stale(self) -> None:
         if not self._pending or not self._nc.is_connected:
@@ -165,6 +173,8 @@ class Publisher:
             if p.fence is not None and not p.fence():
                 del self._pending[token]
                 self.fenced += 1
+                if not self._pending and self._idle is not None:
+                    self._idle.set()
                 continue
             self.retried += 1
             await self._send(token, p)
@@ -172,8 +182,9 @@ class Publisher:
     async def wait_idle(self, timeout: float) -> bool:  # noqa: ASYNC109 (a bounded wait at shutdown)
         """Wait until every publish is confirmed; False when `timeout` passed first."""
         with anyio.move_on_after(timeout):
-            while self._pending:  # noqa: ASYNC110 (polled at shutdown only)
-                await anyio.sleep(0.01)
+            while self._pending:
+                self._idle = anyio.Event()
+                await self._idle.wait()
             return True
         return False
 

@@ -29,6 +29,9 @@ import anyio
 import msgspec
 import structlog
 
+from contracts.exceptions import effect_cause
+from router.jetstream.streams import stored_subject_filter
+
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
 
@@ -39,18 +42,6 @@ CLOCK_MARGIN_NS: Final = 10_000_000_000
 BATCH: Final = 1000
 _TIMEOUT: Final = 10.0
 _STREAM_HEADERS: Final = ("Nats-Stream", "Nats-Subject", "Nats-Sequence", "Nats-Time-Stamp")
-
-
-def effect_cause(msg_id: str) -> int | None:
-    """The event sequence in an effect's `Nats-Msg-Id` (None for a timer's or a foreign id)."""
-    if msg_id.startswith("dead:"):
-        cause = msg_id[5:]
-    elif msg_id.startswith("msg:"):
-        parts = msg_id.split(":")
-        cause = parts[3] if len(parts) > 3 else ""
-    else:
-        cause = msg_id.rpartition(":")[2]
-    return int(cause) if cause.isdigit() else None
 
 
 def _rfc3339(ns: int) -> str:
@@ -156,9 +147,7 @@ class StoredEffects:
         # An actor message: stored in EVENTS under its target's subject, after its cause.
         cached = self._by_subject.get(subject)
         if cached is None or cached[0] > cause + 1:
-            filt = subject
-            if self.cfg.router.partitions > 1:
-                filt = "events.*." + subject[len("events.") :]
+            filt = stored_subject_filter(subject, self.cfg.router.partitions)
             found: set[str] = set()
             try:
                 request = {"seq": cause + 1, "next_by_subj": filt}
@@ -174,3 +163,33 @@ class StoredEffects:
             cached = (cause + 1, found)
             self._by_subject[subject] = cached
         return msg_id in cached[1]
+
+
+async def last_ids_stored(jsm: Any, stream: str, checks: dict[int, list[tuple[str, str]]]) -> set[int]:
+    """Which checks hold: for each, every `(subject, Nats-Msg-Id)` pair names the last message
+    `stream` stores on that subject (an empty list holds). Looked up concurrently; a failed
+    lookup does not hold, so the caller publishes again (a duplicate is possible, a loss never).
+
+    After a restart a timer due while the router was away may have fired before the crash:
+    its exceptions are the last ones on their subjects then.
+    """
+    found: set[int] = set()
+    if not checks:
+        return found
+    limiter = anyio.Semaphore(64)
+
+    async def check(i: int, pairs: list[tuple[str, str]]) -> None:
+        async with limiter:
+            for subject, want in pairs:
+                try:
+                    last = await jsm.get_last_msg(stream, subject)
+                except Exception:
+                    return
+                if (last.headers or {}).get("Nats-Msg-Id") != want:
+                    return
+            found.add(i)
+
+    async with anyio.create_task_group() as tg:
+        for i, pairs in checks.items():
+            tg.start_soon(check, i, pairs)
+    return found

@@ -49,6 +49,15 @@ def events_filters(cfg: Config, partition: int) -> list[str]:
     return [f"events.{partition}.>"]
 
 
+def stored_subject_filter(subject: str, partitions: int) -> str:
+    """The filter matching the stored copies of messages published on `subject`
+    (`events.<kind>.<key>`): with more than one partition the stream stores them with the
+    partition's number after `events.` (see the transform in `_stream_configs`)."""
+    if partitions <= 1:
+        return subject
+    return "events.*." + subject[len("events.") :]
+
+
 def consumer_name(cfg: Config, partition: int) -> str:
     if cfg.router.partitions <= 1:
         return cfg.router.consumer

@@ -121,7 +121,7 @@ async def test_forged_deliveries_to_the_router_inboxes_are_ignored(nats_server: 
     with an ack subject as its reply: nats-server refuses that.)"""
     cfg = make_config(nats_server.url, tmp_path)
     async with running_router(cfg) as rt:
-        inbox = rt.partitions[0]._inbox.encode()
+        inbox = rt.partitions[0].pulls.inbox.encode()
         acks = rt.publisher._prefix.encode()
         async with RawClient(nats_server.port) as raw:
             await raw.pub(inbox + b".\xff", b"x")

@@ -21,6 +21,7 @@ import anyio.to_thread
 import nats
 import pytest
 
+from contracts.exceptions import effect_cause
 from router.jetstream.streams import consumer_marks
 from router.workload import workload
 from tests.support.oracle import read_stream
@@ -191,14 +192,6 @@ async def test_down_longer_than_the_duplicate_window(nats_server: Any, tmp_path:
     assert rp.kills == 3
 
 
-def _cause(msg_id: str) -> int | None:
-    """The event sequence an effect's Nats-Msg-Id names (None for a timer)."""
-    if msg_id.startswith("dead:"):
-        return int(msg_id[5:])
-    cause = msg_id.split(":")[3] if msg_id.startswith("msg:") else msg_id.rsplit(":", 1)[1]
-    return int(cause) if cause.isdigit() else None
-
-
 async def stored_beyond_ack_floor(url: str, cfg: Any) -> int:
     """How many effects in EXCEPTIONS and DEADLETTER were caused by events above the consumer's ack floor:
     stored, but not acknowledged as such when the router died."""
@@ -210,7 +203,7 @@ async def stored_beyond_ack_floor(url: str, cfg: Any) -> int:
     n = 0
     for stream in (cfg.streams.exceptions, cfg.streams.deadletter):
         for m in await read_stream(url, stream):
-            cause = _cause(m.headers.get("Nats-Msg-Id", ""))
+            cause = effect_cause(m.headers.get("Nats-Msg-Id", ""))
             n += cause is not None and cause > floor
     return n
 

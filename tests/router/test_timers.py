@@ -14,7 +14,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -28,6 +27,7 @@ from contracts.config import Config
 from contracts.times import rfc3339
 from router.engine import timers as timers_mod
 from router.engine.daemon import Runtime
+from router.engine.deps import PartitionDeps
 from router.engine.partition import PULL_EXPIRES_NS, Partition
 from router.jetstream.publisher import Publisher
 from tests.support.harness import make_config, publish_all, query_state, running_router, settle, wait_for
@@ -388,10 +388,10 @@ async def test_a_firing_published_before_a_crash_is_not_published_again(
     skip_store = monkeypatch.context()
     with skip_store as m:
 
-        async def nothing(self: timers_mod.Timers) -> None:
+        async def nothing(self: Partition) -> None:
             return None
 
-        m.setattr(timers_mod.Timers, "write_confirmed", nothing)
+        m.setattr(Partition, "_write_fired", nothing)
         async with ExceptionsTail(url) as tail, crashing_router(cfg, clock) as rt:
             await publish_all(url, [booked("K", v0, v0 + 9 * H), ship("K", "picked_up", v0)])
             await settle(url, cfg, rt)
@@ -475,15 +475,26 @@ async def test_caught_up_counts_from_when_the_pull_request_was_sent(tmp_path: Pa
     on their way, so they must not count as seen."""
     cfg = make_config("nats://127.0.0.1:4222", tmp_path)
     clock = VirtualClock(1_800_000_000_000_000)
-    rt = SimpleNamespace(cfg=cfg, thresholds=Thresholds.from_rules(cfg.rules), now_us=clock)
-    p = Partition(rt, 0)  # type: ignore[arg-type]
-    p._requests["in.1"] = 10
-    p._req_sent["in.1"] = clock()
+    deps = PartitionDeps(
+        cfg=cfg,
+        nc=None,  # type: ignore[arg-type]
+        jsm=None,  # type: ignore[arg-type]
+        store=None,  # type: ignore[arg-type]
+        publisher=None,  # type: ignore[arg-type]
+        thresholds=Thresholds.from_rules(cfg.rules),
+        now_us=clock,
+        raw_path=lambda sub, handler: None,
+        horizon_us=0,
+        snapshot_every_s=1.0,
+    )
+    p = Partition(deps, 0)
+    p.pulls.requests["in.1"] = 10
+    p.pulls.sent["in.1"] = clock()
     clock.advance_to(clock() + 5_000_000)  # read five seconds later
     p._on_status({"Status": "408", "Description": "Request Timeout"}, b"", "in.1")
     assert p.caught_up_us == clock() - 5_000_000 + PULL_EXPIRES_NS // 1000
-    assert "in.1" not in p._requests
-    assert not p._req_sent
+    assert "in.1" not in p.pulls.requests
+    assert not p.pulls.sent
     p._on_status({"Status": "408"}, b"", "in.unknown")  # not ours (any more): says nothing
     assert p.caught_up_us == clock() - 5_000_000 + PULL_EXPIRES_NS // 1000
 

@@ -78,7 +78,7 @@ async def wait_applied(rt: Runtime, stream_last: int, timeout: float = 30.0) -> 
     async def done() -> bool:
         return (
             rt.publisher.outstanding == 0
-            and not any(p._inflight for p in rt.partitions)
+            and not any(p.outbox.inflight for p in rt.partitions)
             and await all_applied(rt.jsm, rt.cfg, [p.applied_seq for p in rt.partitions], stream_last)
         )
 

@@ -1,0 +1,226 @@
+"""A partition's outbox: effects become exceptions, messages to other actors and dead letters, published
+with deterministic ids, and tracked until JetStream confirms them.
+
+A delivered message with effects to publish gets an `InFlight` entry; the partition
+acknowledges (AckAll, cumulatively) only up to just before the first entry whose publishes
+are not all confirmed (`ack_point`). `publish` is the one place an effect leaves the
+partition: anything that must hold for every effect (a suppression after a crash, a fence)
+belongs there.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Final
+
+import anyio
+import msgspec
+import structlog
+
+from actors import Alert, Send, SetTimer
+from contracts.decode import subject_kind_token
+from contracts.events import encode_event
+from contracts.exceptions import ExceptionEvent, dead_letter_id, exception_id, exception_subject, message_id
+from contracts.rules import SEVERITY
+from contracts.times import rfc3339
+from router.jetstream.publisher import Fence, Publisher
+from router.jetstream.recovery import StoredEffects
+
+log = structlog.get_logger()
+
+_EXC_ENCODER: Final = msgspec.json.Encoder()
+_HDR_OVERHEAD: Final = len("NATS/1.0\r\n\r\n")
+
+Done = Callable[[], None]
+Schedule = Callable[[int, str, str, str], None]
+
+
+def alert_ids(kind: str, key: str, effects: Any, cause: str) -> list[tuple[str, str]]:
+    """(subject, Nats-Msg-Id) of each exception among `effects`, as `Outbox.effects` publishes them."""
+    return [
+        (exception_subject(kind, e.rule, key), exception_id(kind, key, e.rule, e.location, e.status, cause))
+        for e in effects
+        if type(e) is Alert
+    ]
+
+
+class InFlight:
+    """A delivered message with effects, until they are all confirmed. `prev_*` name the message
+    delivered just before it: the furthest a cumulative ack may go while this one is pending."""
+
+    __slots__ = ("outstanding", "prev_reply", "prev_seq", "reply", "seq")
+
+    def __init__(self, seq: int, reply: bytes, prev_seq: int, prev_reply: bytes) -> None:
+        self.seq = seq
+        self.reply = reply
+        self.prev_seq = prev_seq
+        self.prev_reply = prev_reply
+        self.outstanding = 0
+
+
+class Outbox:
+    """Effects out, confirmations in, for one partition."""
+
+    def __init__(self, publisher: Publisher, now_us: Callable[[], int], schedule: Schedule, wake: Done) -> None:
+        self._publisher = publisher
+        self._now_us = now_us
+        self._schedule = schedule  # where a SetTimer effect goes
+        self._wake = wake  # an entry is fully confirmed: acks may advance
+        self.inflight: deque[InFlight] = deque()
+        # After a restart: effects of the last run's unacknowledged events that are stored already.
+        self.stored_effects: StoredEffects | None = None
+        self._changed: anyio.Event | None = None  # see wait_confirmed
+        # Asked before a retry of every publish: once False, the partition may send nothing more.
+        self.fence: Fence | None = None
+        self.exceptions_sent = 0
+        self.dead_lettered = 0
+
+    # ------------------------------------------------------------------ tracking
+
+    def track(self, seq: int, reply: bytes, prev_seq: int, prev_reply: bytes) -> InFlight:
+        """Track a message with effects; acks stop before it until they are confirmed."""
+        entry = InFlight(seq, reply, prev_seq, prev_reply)
+        self.inflight.append(entry)
+        return entry
+
+    def ack_point(self, applied_seq: int, last_reply: bytes) -> tuple[int, bytes]:
+        """(sequence, ack subject) of the furthest message a cumulative ack may cover now."""
+        inflight = self.inflight
+        while inflight and inflight[0].outstanding == 0:
+            inflight.popleft()
+        if inflight:
+            return inflight[0].prev_seq, inflight[0].prev_reply
+        return applied_seq, last_reply
+
+    def confirmed_through(self, applied_seq: int) -> int:
+        """Every message at or below this has all its effects confirmed (acks may lag behind)."""
+        for entry in self.inflight:
+            if entry.outstanding:
+                return entry.prev_seq
+        return applied_seq
+
+    def first_pending(self) -> int | None:
+        """The sequence of the first message with a publish not yet confirmed."""
+        return next((e.seq for e in self.inflight if e.outstanding), None)
+
+    def notify(self) -> None:
+        """Something was confirmed: wake `wait_confirmed`."""
+        ev = self._changed
+        if ev is not None:
+            self._changed = None
+            ev.set()
+
+    async def wait_confirmed(self, seq: int, pending_elsewhere: Callable[[], bool]) -> None:
+        """Until the effects of every tracked message <= `seq` are confirmed and `pending_elsewhere()`
+        (publishes tracked by someone else: timer firings) is False."""
+        while True:
+            pending = self.first_pending()
+            if (pending is None or pending > seq) and not pending_elsewhere():
+                return
+            ev = self._changed
+            if ev is None:
+                ev = self._changed = anyio.Event()
+            await ev.wait()
+
+    def _done_cb(self, entry: InFlight) -> Done:
+        def done() -> None:
+            entry.outstanding -= 1
+            if entry.outstanding == 0:
+                self._wake()
+                self.notify()
+
+        return done
+
+    # ------------------------------------------------------------------ effects
+
+    async def effects(
+        self,
+        entry: InFlight | None,
+        kind: str,
+        key: str,
+        seq: int | None,
+        ts_us: int,
+        effects: Any,
+        publish: bool,
+        cause: str | None = None,
+        done: Done | None = None,
+    ) -> None:
+        """Publish what `effects` say (unless `publish` is False: confirmed before a restart) and
+        schedule their timers. `entry` tracks an event's publishes; a timer firing passes `done`."""
+        cause = cause if cause is not None else str(seq)
+        for eff in effects:
+            if type(eff) is Alert:
+                if not publish:
+                    continue
+                exc_id = exception_id(kind, key, eff.rule, eff.location, eff.status, cause)
+                payload = _EXC_ENCODER.encode(
+                    ExceptionEvent(
+                        id=exc_id,
+                        kind=kind,
+                        key=key,
+                        rule=eff.rule,
+                        status=eff.status,
+                        severity=SEVERITY[eff.rule],
+                        location=eff.location,
+                        value=eff.value,
+                        threshold=eff.threshold,
+                        seq=seq,
+                        event_ts=rfc3339(ts_us),
+                        detected_at=rfc3339(self._now_us()),
+                        message=eff.message,
+                    )
+                )
+                self.exceptions_sent += 1
+                await self.publish(
+                    entry, exception_subject(kind, eff.rule, key), payload, {"Nats-Msg-Id": exc_id}, done
+                )
+            elif type(eff) is Send:
+                if not publish:
+                    continue
+                etype = eff.event.__struct_config__.tag
+                msg_id = message_id(kind, key, cause, etype, eff.kind, eff.key)
+                await self.publish(
+                    entry, f"events.{eff.kind}.{eff.key}", encode_event(eff.event), {"Nats-Msg-Id": msg_id}, done
+                )
+            elif type(eff) is SetTimer and eff.deadline_us is not None:
+                self._schedule(eff.deadline_us, kind, key, eff.name)
+
+    async def dead_letter(self, entry: InFlight, subject: str, data: bytes, code: str, detail: str) -> None:
+        """Republish the original bytes on deadletter.<kind> with the reason (CONTRACT section 4)."""
+        kind = subject_kind_token(subject)
+        headers = {
+            "Nats-Msg-Id": dead_letter_id(entry.seq),
+            "Router-Error": code,
+            "Router-Detail": detail.replace("\r", " ").replace("\n", " "),
+            "Router-Subject": subject,
+            "Router-Seq": str(entry.seq),
+        }
+        max_payload = self._publisher.max_payload
+        hdr_len = _HDR_OVERHEAD + sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
+        if len(data) + hdr_len > max_payload:
+            trunc = str(len(data))
+            headers["Router-Truncated"] = trunc
+            hdr_len += len("Router-Truncated") + len(trunc) + 4
+            data = data[: max(0, max_payload - hdr_len - 64)]
+        self.dead_lettered += 1
+        log.info("dead_lettered", seq=entry.seq, subject=subject, error=code, detail=detail)
+        await self.publish(entry, f"deadletter.{kind}", data, headers, None)
+
+    async def publish(
+        self, entry: InFlight | None, subject: str, payload: bytes, headers: dict[str, str], done: Done | None
+    ) -> None:
+        """The one way out for an effect: tracked by `entry` (an event's) or reported to `done` (a firing's)."""
+        if entry is not None:
+            stored = self.stored_effects
+            if stored is not None:
+                if entry.seq > stored.high:
+                    self.stored_effects = None  # past what the last run could have published
+                elif await stored.holds(subject, headers["Nats-Msg-Id"], entry.seq):
+                    return  # stored before the crash: publishing it again could duplicate it
+            entry.outstanding += 1
+            done = self._done_cb(entry)
+        if self.fence is None:
+            await self._publisher.publish(subject, payload, headers, done)
+        else:
+            await self._publisher.publish(subject, payload, headers, done, fence=self.fence)

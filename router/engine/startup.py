@@ -1,0 +1,72 @@
+"""What a start checks: the snapshot store against the stream, and what to do when the store is damaged.
+
+The store says through which stream sequence each partition applied; the stream says what
+it still holds. State can be brought up to date only when every event after the store's
+marks is still in the stream, and rebuilt from nothing only when the stream holds the whole
+history. Anything else stops the start with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+from contracts.config import Config
+from router.errors import FatalError
+from snapshots import Store, StoreDamagedError
+
+log = structlog.get_logger()
+
+
+def check_marks(index: int, applied: int, info: Any, cfg: Config) -> tuple[int, int]:
+    """(first, last) sequence of EVENTS (`info`), when partition `index`, applied through
+    `applied`, can go on from there; FatalError otherwise."""
+    stream = cfg.streams.events
+    first, last = int(info.state.first_seq or 0), int(info.state.last_seq or 0)
+    if applied > last:
+        raise FatalError(
+            f"partition {index}: the snapshot store has applied through sequence {applied} "
+            f"but stream {stream} ends at {last}: the stream was recreated or purged. "
+            f"Move {cfg.snapshot_path} aside to rebuild from what the stream holds"
+        )
+    if first > applied + 1 and info.state.messages:
+        raise FatalError(
+            f"partition {index}: the snapshot store has applied through sequence {applied} "
+            f"but stream {stream} now starts at {first}: events {applied + 1}..{first - 1} were "
+            f"removed before they were applied, so state cannot be brought up to date. Restore "
+            f"{cfg.snapshot_path} from a backup that has applied through sequence {first - 1} or later"
+        )
+    return first, last
+
+
+async def open_store(cfg: Config, events_info: Any) -> Store:
+    """Open the snapshot store; rebuild from the stream when damaged and the stream still has it all."""
+    path = cfg.snapshot_path
+    first = int(events_info.state.first_seq or 0)
+    has_history = first <= 1  # never purged: sequence 1 onward is all there
+    try:
+        store = await Store.open(path, synchronous=cfg.snapshots.synchronous)
+    except StoreDamagedError as exc:
+        if not has_history:
+            raise FatalError(
+                f"snapshot store {path} is damaged ({exc.reason}) and stream {cfg.streams.events} "
+                f"no longer holds the whole history (it starts at sequence {first}; events "
+                f"1..{first - 1} are gone), so state cannot be rebuilt from it. Restore {path} from a "
+                f"backup and start again; the damaged file was left in place"
+            ) from None
+        moved = await Store.quarantine(path)
+        log.error("snapshot_store_damaged", path=str(path), reason=exc.reason, moved_to=str(moved),
+                  action="rebuilding from the stream")
+        store = await Store.open(path, synchronous=cfg.snapshots.synchronous)
+    if store.created and not has_history:
+        await store.close()
+        path.unlink(missing_ok=True)
+        raise FatalError(
+            f"snapshot store {path} does not exist but stream {cfg.streams.events} already starts at "
+            f"sequence {first} (earlier events are gone): state cannot be rebuilt from the stream. "
+            f"Restore {path} from a backup"
+        )
+    if store.created and int(events_info.state.messages or 0):
+        log.warning("snapshot_store_new", path=str(path), action="rebuilding state from the stream")
+    return store
