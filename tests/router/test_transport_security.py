@@ -18,6 +18,7 @@ import pytest
 
 from contracts.config import Config, config_from_dict
 from router.cli.client import ClientError, ServerURL, connect
+from tests.support.natsjwt import decentralized
 from tests.support.natsserver import NatsServer
 from tests.support.procs import RouterProcess, router_process, write_config
 from tests.support.tls import Certs, make_certs
@@ -161,6 +162,27 @@ async def test_nkey_user_with_the_seed_from_a_file(tmp_path: Path, started: list
     assert code == 0, err
     assert seed not in out + err
     assert 'nkey_seed = "***"' in out
+
+
+@pytest.mark.anyio
+async def test_creds_file_of_a_decentralized_user(tmp_path: Path, started: list[NatsServer]) -> None:
+    """Operator mode (JWTs as `nsc` makes them): the router connects with `creds`, a client without is refused."""
+    auth = decentralized()
+    server = secured_server(tmp_path, auth.server_conf)
+    started.append(server)
+    server.start()
+    (tmp_path / "router").mkdir()
+    (tmp_path / "router" / "router.creds").write_text(auth.creds)
+    config_path = tmp_path / "router" / "config.toml"
+    cfg = write_config(config_path, server.url, nats={"creds": "router.creds"})
+    with router_process(config_path) as rp:
+        state = await apply_one_event(cfg, server.url, rp, "SKU-CREDS")
+        assert state["state"]["available"] == 7, state
+        stop_router(rp)
+    assert auth.user_seed not in rp.log_text()
+    assert auth.user_jwt not in rp.log_text()
+    message = await refused(config_from_dict({"nats": {"url": server.url}}), server.url)
+    assert "authorization" in message.lower(), message
 
 
 @pytest.mark.anyio
