@@ -8,6 +8,7 @@ exceptions, dead letters and actor messages exactly once, and the state reply of
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import os
@@ -24,8 +25,10 @@ import pytest
 from contracts.exceptions import effect_cause
 from router.jetstream.streams import consumer_marks
 from router.workload import workload
+from tests.support.harness import stream_last_seq, wait_for
 from tests.support.oracle import read_stream
 from tests.support.procs import (
+    RouterProcess,
     assert_exactly_once,
     check_all_states,
     health,
@@ -57,13 +60,34 @@ async def _call(fn: Any) -> None:
         await result
 
 
+def ready_this_run(rp: RouterProcess, partitions: int) -> bool:
+    """Whether the router's current run has logged partition_ready for every partition."""
+    text = rp.log_text()
+    run = text[text.rfind("--- start ") :]
+    return sum(1 for line in run.splitlines() if '"partition_ready"' in line) >= partitions
+
+
+async def stream_grew(url: str, cfg: Any, than: int) -> bool:
+    return await stream_last_seq(url, cfg.streams.events) > than
+
+
+class Gate:
+    """A point in the workload where the publisher waits for a step of a test (a kill, say)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.reached = anyio.Event()  # the publisher sent the first `at` messages and waits
+        self.open = anyio.Event()  # the test took its step: publishing goes on
+
+
 class Publisher:
     """Plain core publishes in chunks from one connection that rides out server restarts."""
 
-    def __init__(self, url: str, messages: list[tuple[str, bytes]]) -> None:
+    def __init__(self, url: str, messages: list[tuple[str, bytes]], gates: list[Gate] | None = None) -> None:
         self.url = url
         self.messages = messages
         self.sent = 0
+        self.gates = sorted(gates or [], key=lambda g: g.at)
 
     async def run(self, chunk: int, gap: float) -> None:
         async def quiet(*_args: Any) -> None:
@@ -77,8 +101,14 @@ class Publisher:
             disconnected_cb=quiet,
         )
         try:
+            gates = list(self.gates)
             while self.sent < len(self.messages):
-                for subject, data in self.messages[self.sent : self.sent + chunk]:
+                if gates and gates[0].at <= self.sent:
+                    gate = gates.pop(0)
+                    gate.reached.set()
+                    await gate.open.wait()
+                end = min(self.sent + chunk, gates[0].at if gates else len(self.messages))
+                for subject, data in self.messages[self.sent : end]:
                     await nc.publish(subject, data)
                     self.sent += 1
                 with contextlib.suppress(Exception):  # the server is away: sent on reconnect
@@ -99,31 +129,47 @@ async def test_sigkill_and_server_restart_under_load(nats_server: Any, tmp_path:
     rng = random.Random(seed + partitions)
     cfg = write_config(tmp_path / "config.toml", nats_server.url, router={"partitions": partitions})
     messages = future_workload(seed=11 + seed, count=60_000)
-    pub = Publisher(nats_server.url, messages)
+    # Each step comes once the publisher has sent a random share of the workload (between 5% and
+    # 85%), and the publisher waits for it there: every kill comes under load, and the events
+    # sent after it make a backlog for the restart, on a fast machine as on a slow one.
+    gates = [Gate(at) for at in sorted(rng.sample(range(len(messages) // 20, len(messages) * 17 // 20), KILLS + 1))]
+    # Two kills may come while the router is still starting; before the others it is ready.
+    early = set(rng.sample([s for s in range(KILLS + 1) if s != KILLS // 2], 2))
+    pub = Publisher(nats_server.url, messages, gates)
     timeline: list[str] = []
     t0 = time.monotonic()
 
     def note(what: str) -> None:
         timeline.append(f"{time.monotonic() - t0:6.2f}s sent={pub.sent:>6} {what}")
 
+
     with router_process(tmp_path / "config.toml") as rp:
         await wait_healthy(nats_server.url, rp)
 
         async def chaos() -> None:
-            for step in range(KILLS + 1):
-                await anyio.sleep(rng.uniform(0.3, 2.0))
+            for step, gate in enumerate(gates):
                 if step == KILLS // 2:
                     # nats-server goes away under the running router, and comes back on the same store.
                     await wait_healthy(nats_server.url, rp)
-                    await anyio.sleep(rng.uniform(0.1, 0.6))
+                    await gate.reached.wait()
                     note("nats-server stop")
                     await _call(nats_server.stop)
-                    await anyio.sleep(rng.uniform(1.0, 2.0))
+                    gate.open.set()
+                    await anyio.sleep(rng.uniform(1.0, 2.0))  # the outage
                     await _call(nats_server.start)
                     note("nats-server started")
+                    await wait_healthy(nats_server.url, rp, timeout=30)  # reconnected by itself
+                    note("router reconnected")
                     continue
+                if step not in early:
+                    await wait_for(functools.partial(ready_this_run, rp, partitions), 30.0)
+                await gate.reached.wait()
                 rp.kill()
                 note(f"router SIGKILL #{rp.kills}")
+                stored = await stream_last_seq(nats_server.url, cfg.streams.events)
+                gate.open.set()
+                # Down until more events are stored: the restart has a backlog to work through.
+                await wait_for(functools.partial(stream_grew, nats_server.url, cfg, stored), 30.0)
                 await anyio.sleep(rng.uniform(0.0, 0.5))
                 rp.start()
                 note("router started")

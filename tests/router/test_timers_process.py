@@ -155,8 +155,43 @@ async def state_seq(url: str, key: str) -> int:
         await nc.close()
 
 
-async def until(t_us: int) -> None:
-    await anyio.sleep(max(0.0, (t_us - now_us()) / S))
+def log_events(log: Path, event: str) -> list[dict[str, Any]]:
+    """The router's JSON log lines (all runs) of one event."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+        if line.startswith("{"):
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            if e.get("event") == event:
+                out.append(e)
+    return out
+
+
+async def fired_what_was_due(url: str, router: Router, log: Path, starts: int, within: float = 20.0) -> None:
+    """Until the router's `starts`-th run has loaded its timers, holds none in memory (each fired,
+    or found already published or stale) and has every publish confirmed by the stream."""
+    nc = await nats.connect(url)
+    try:
+        with anyio.fail_after(within):
+            while True:
+                assert router.proc is not None
+                assert router.proc.poll() is None, "router exited"
+                if len(log_events(log, "router_started")) >= starts:  # its partitions loaded their timers
+                    try:
+                        h = json.loads((await nc.request("router.health", b"", timeout=1.0)).data)
+                    except Exception:
+                        h = None
+                    if (
+                        h is not None
+                        and h["unconfirmed_publishes"] == 0
+                        and all(p["timers_due_soon"] == 0 for p in h["partitions"])
+                    ):
+                        return
+                await anyio.sleep(0.05)
+    finally:
+        await nc.close()
 
 
 @pytest.mark.slow
@@ -172,13 +207,16 @@ async def test_stall_clear_stall_breach_then_sigkill_across_deadlines(
         '[rules.shipment]\nstall_after = "2s"\n'
     )
     tail = Tail(url)
+    log = tmp_path / "router.log"
     live: dict[str, int] = {}  # id -> deadline, for the firings while the router runs
-    with anyio.fail_after(55), router_process(config, tmp_path / "router.log") as router:
+    with anyio.fail_after(55), router_process(config, log) as router:
         router.start()
         await serving(url, router)
         t0 = now_us()
         promised_a = t0 + 7 * S
-        promised_b = t0 + 9 * S  # passes while the router is down
+        # Passes while the router is down: after the last stall (d3 below, 2 s after a movement
+        # published after promised_a), so that d3 alone bounds the time left to kill the router.
+        promised_b = t0 + 10 * S
         await publish_all(
             url,
             [
@@ -210,7 +248,8 @@ async def test_stall_clear_stall_breach_then_sigkill_across_deadlines(
         d3 = m3 + 2 * S
         assert now_us() < min(d3, promised_b) - 300_000, "too slow to kill before the deadlines"
         router.kill()
-        await until(max(d3, promised_b) + S // 2)  # both pass while no router runs
+        # Both pass while no router runs. They are wall-clock deadlines: only the clock passes them.
+        await wait_for(lambda: now_us() > max(d3, promised_b), 10.0)
 
         router.start()
         started = now_us()
@@ -223,7 +262,7 @@ async def test_stall_clear_stall_breach_then_sigkill_across_deadlines(
         router.kill()
         router.start()
         await serving(url, router)
-        await anyio.sleep(1.5)
+        await fired_what_was_due(url, router, log, starts=3)
         assert router.terminate() == 0
 
     for e in tail.seen:
