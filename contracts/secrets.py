@@ -82,7 +82,7 @@ def check_secret_forms(raw: Mapping[str, object], path: str = "") -> str | None:
 _SCHEME = r"[A-Za-z][A-Za-z0-9+.\-]*://"
 # A URL runs to whitespace, a quote or a bracket; a password may hold `@`, `:` and `/`, so the
 # credentials end at the LAST `@` of the URL (of each URL of a comma-separated list).
-_URL_RE: Final = re.compile(_SCHEME + r"[^\s\"'<>()\[\]{}]*")
+_URL_RE: Final = re.compile(r"(?<![A-Za-z0-9+.\-])" + _SCHEME + r"[^\s\"'<>()\[\]{}]*")
 _URL_SPLIT_RE: Final = re.compile(r",(?=" + _SCHEME + ")")
 # NATS nkey seeds (user, account, operator, server, cluster, curve): S, a type letter, 56 base32.
 _SEED_RE: Final = re.compile(r"S[UAONCX][A-Z2-7]{56}")
@@ -90,10 +90,21 @@ _JWT_RE: Final = re.compile(r"eyJ[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]{4,}\.[A-Za-z
 _PEM_RE: Final = re.compile(
     r"(-----BEGIN [A-Z0-9 ]*(?:PRIVATE KEY|SEED|JWT)[A-Z0-9 ]*-----)(.*?)(-+END [A-Z0-9 ]+-+)", re.DOTALL
 )
-_PAIR_KEY = r"([A-Za-z_]*(?:password|passwd|pass|token|secret|_seed|seed_str|authorization)"
-# `password='x'`, `"token": "x"`, `'pass': 'x'` (the repr of a dict) and `password=x`.
-_QUOTED_PAIR_RE: Final = re.compile(_PAIR_KEY + r"""['"]?\s*[:=]\s*)(['"])((?:(?!\2).)*)\2""", re.IGNORECASE)
-_BARE_PAIR_RE: Final = re.compile(_PAIR_KEY + r"""\s*=\s*)([^\s'",}\])]+)""", re.IGNORECASE)
+_PAIR_WORDS: Final = ("pass", "token", "secret", "_seed", "seed_str", "authorization")
+# `password='x'`, `"token": "x"`, `'pass': 'x'` (the repr of a dict; escaped quotes inside are
+# part of the value) and `password=x`. The key is matched from its secret word on (what comes
+# before, `ingest_` of `ingest_token`, is kept as it is), so no match is tried at every letter.
+_PAIR_RE: Final = re.compile(
+    r"(password|passwd|pass|token|secret|_seed|seed_str|authorization)"
+    r"""(?:(['"]?\s*[:=]\s*)(['"])((?:\\.|(?!\3)[^\\])*)\3|(\s*=\s*)([^\s'",}\])]+))""",
+    re.IGNORECASE,
+)
+
+
+def _mask_pair(m: re.Match[str]) -> str:
+    if m.group(3) is not None:
+        return f"{m.group(1)}{m.group(2)}{m.group(3)}{REDACTED}{m.group(3)}"
+    return f"{m.group(1)}{m.group(5)}{REDACTED}"
 
 
 def _redact_url(match: re.Match[str]) -> str:
@@ -114,9 +125,9 @@ def redact_text(text: str) -> str:
         text = _PEM_RE.sub(lambda m: f"{m.group(1)}{REDACTED}{m.group(3)}", text)
     text = _SEED_RE.sub(REDACTED, text)
     text = _JWT_RE.sub(REDACTED, text)
-    if "=" in text or ":" in text:
-        text = _QUOTED_PAIR_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}{m.group(2)}", text)
-        text = _BARE_PAIR_RE.sub(lambda m: f"{m.group(1)}{REDACTED}", text)
+    lowered = text.lower()
+    if ("=" in text or ":" in text) and any(word in lowered for word in _PAIR_WORDS):
+        text = _PAIR_RE.sub(_mask_pair, text)
     return text
 
 

@@ -37,6 +37,8 @@ JWT = "eyJ0eXAiOiJKV1QiLCJhbGciOiJlZDI1NTE5LW5rZXkifQ.eyJqdGkiOiJBQkMiLCJzdWIiOi
         (f"{{'user': 'router', 'password': '{HARD}', 'token': \"t0k\"}}", "{'user': 'router', 'password': '***', 'token': \"***\"}"),
         (f'{{"pass": "{HARD}", "auth_token": "t0k"}}', '{"pass": "***", "auth_token": "***"}'),
         ("password=hunter2 ingest_token=abc tokens=5", "password=*** ingest_token=*** tokens=5"),
+        ('{"password": "a\\"b@c", "user": "u"}', '{"password": "***", "user": "u"}'),
+        ("{'password': 'it\\'s-@'}", "{'password': '***'}"),
         ("seed=42 processed=7", "seed=42 processed=7"),
     ],
 )
