@@ -4,14 +4,19 @@ Wings, each importing only the ones below it (cli -> engine -> jetstream -> the 
 
 - `router.cli`        what a user can type: `router run` (composed here), check-config, pub,
                       state, watch, dlq, schema, simulate; finding and connecting to a server.
-- `router.engine`     the daemon: lifecycle (`daemon`), one partition's loop (`partition`),
-                      durable timers, the key filter, state and health queries.
+- `router.engine`     the daemon: lifecycle (`daemon`, `startup`), one partition's loop and
+                      hot path (`partition`) beside parts that know nothing of it: effects out
+                      (`outbox`), writes to the store (`snapshotter`), what is due (`timers`),
+                      the key filter, the `actor_error` rebuild; state and health queries;
+                      ownership leases.
 - `router.jetstream`  everything that knows nats-py internals or the JetStream API: the
-                      protocol parser, the effect publisher, stream set-up, recovery of stored
-                      but unconfirmed effects, the bundled nats-server.
+                      connection, the protocol parser, pull requests (`pull`), the effect
+                      publisher, stream set-up, recovery of stored but unconfirmed effects,
+                      ownership records, the bundled nats-server.
 - `router.workload`   pure, like `actors`: a seeded operations day for demos, tests and the
                       benchmark.
-- `router.logs`       one structlog configuration.
+- `router.errors`, `router.logs`, `router.metrics`, `router.health`, `router.secrets`:
+                      usable from every wing (tests/test_layers.py keeps the order).
 
 The domain itself lives in `actors` (pure functions), the wire contract in `contracts` and
 the SQLite store in `snapshots`.

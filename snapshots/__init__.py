@@ -1,11 +1,11 @@
 """The snapshot store: actor states, per-partition sequences and durable timers in SQLite.
 
 `Store` is the only entry point (see `snapshots.store` for its use); the rest are the
-values it takes and returns, and its errors: `StoreError`, and `StoreDamagedError` for a
-file that is not a usable store.
+values it takes and returns, and its errors: `StoreError`, `StoreDamagedError` for a
+file that is not a usable store, `StoreFullError` for a write that found no room.
 """
 
-from snapshots.errors import StoreDamagedError, StoreError
+from snapshots.errors import StoreDamagedError, StoreError, StoreFullError
 from snapshots.store import (
     NO_TIMERS,
     ActorRecord,
@@ -24,6 +24,7 @@ __all__ = [
     "Store",
     "StoreDamagedError",
     "StoreError",
+    "StoreFullError",
     "StoreStats",
     "Synchronous",
 ]

@@ -1,4 +1,4 @@
-"""Errors of the snapshot store: one base class, and the damaged-file case the router acts on."""
+"""Errors of the snapshot store: one base class, and the two cases the router acts on (a damaged file, a full disk)."""
 
 from __future__ import annotations
 
@@ -24,3 +24,11 @@ class StoreDamagedError(StoreError):
 
     def __reduce__(self) -> tuple[type[StoreDamagedError], tuple[Path, str]]:
         return (type(self), (self.path, self.reason))
+
+
+class StoreFullError(StoreError):
+    """A write found no room: the disk (or the store's page limit) is full (SQLITE_FULL).
+
+    Nothing of the write was committed; the store stays usable, and the same write can be
+    tried again once there is space.
+    """

@@ -44,7 +44,7 @@ import msgspec
 
 from snapshots import _schema
 from snapshots._connection import READ_MMAP_BYTES, WRITER_NICENESS, Synchronous, configure, verify_schema
-from snapshots.errors import StoreDamagedError, StoreError
+from snapshots.errors import StoreDamagedError, StoreError, StoreFullError
 
 __all__ = [
     "NO_TIMERS",
@@ -105,6 +105,7 @@ class StoreStats(msgspec.Struct, frozen=True, kw_only=True):
 
 # SQLite error codes (primary) that mean the file itself is bad.
 _SQLITE_CORRUPT: Final = 11
+_SQLITE_FULL: Final = 13
 _SQLITE_NOTADB: Final = 26
 
 # Actors in one statement (see _put_actors); an upsert updates the row in place (same rowid),
@@ -509,6 +510,8 @@ def _translate(path: Path, e: sqlite3.Error, op: str) -> StoreError:
     if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
         return StoreDamagedError(path, f"SQLite says: {e} (during {op})")
     name = getattr(e, "sqlite_errorname", type(e).__name__)
+    if code == _SQLITE_FULL:
+        return StoreFullError(f"snapshot store {path}: {op} failed: {e} ({name})")
     return StoreError(f"snapshot store {path}: {op} failed: {e} ({name})")
 
 

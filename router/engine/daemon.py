@@ -22,13 +22,13 @@ from contracts.secrets import redact
 from router.engine.deps import PartitionDeps
 from router.engine.partition import Partition
 from router.engine.queries import serve_queries
-from router.engine.startup import open_store
+from router.engine.startup import beyond_repair, find, open_store, quarantine
 from router.errors import FatalError
 from router.jetstream import streams
 from router.jetstream.connection import connect_options
 from router.jetstream.parser import FastParser, Refusal
 from router.jetstream.publisher import Publisher
-from snapshots import Store
+from snapshots import Store, StoreDamagedError, StoreFullError
 
 log = structlog.get_logger()
 
@@ -69,6 +69,8 @@ class Runtime:
         self.partitions = [Partition(deps, i) for i in range(cfg.router.partitions)]
         self.started_at = time.monotonic()
         self._stop = anyio.Event()
+        self._damaged: StoreDamagedError | None = None
+        self._damage_found = anyio.Event()
         self.closing = False  # set once the final snapshot is written: the connection closes next
         self.url = ""
 
@@ -93,7 +95,10 @@ class Runtime:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, cfg: Config, clock: Callable[[], int] = wall_clock_us) -> AsyncIterator[Runtime]:
+    async def open(
+        cls, cfg: Config, clock: Callable[[], int] = wall_clock_us, *, rebuilding: bool = False
+    ) -> AsyncIterator[Runtime]:
+        """Everything started and opened, closed again on exit. `rebuilding`: see `open_store`."""
         async with AsyncExitStack() as stack:
             data_dir = cfg.data_dir
             data_dir.mkdir(parents=True, exist_ok=True)
@@ -110,7 +115,7 @@ class Runtime:
                 infos = await streams.ensure_streams(jsm, cfg)
             except streams.StreamSetupError as exc:
                 raise FatalError(str(exc)) from None
-            store = await open_store(cfg, infos[cfg.streams.events])
+            store = await open_store(cfg, infos[cfg.streams.events], rebuilding=rebuilding)
             stack.push_async_callback(store.close)
             rt = cls(cfg, nc, store, clock)
             rt.url = url
@@ -119,6 +124,21 @@ class Runtime:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def store_damaged(self, exc: StoreDamagedError) -> None:
+        """Found outside the partitions (a state query): `serve` raises it, as a partition would."""
+        if self._damaged is None:
+            self._damaged = exc
+            self._damage_found.set()
+
+    async def _raise_damage(self) -> None:
+        await self._damage_found.wait()
+        assert self._damaged is not None
+        raise self._damaged
 
     async def serve(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until `request_stop()`; then stop fetching, finish in-flight work and snapshot."""
@@ -138,8 +158,9 @@ class Runtime:
             await tg.start(self.publisher.serve, self.raw_path)
             await tg.start(
                 serve_queries, self.nc, self.partitions, self.store, self.thresholds, self.health,
-                self.refuse_bad_subjects,
+                self.refuse_bad_subjects, self.store_damaged,
             )
+            tg.start_soon(self._raise_damage)
             async with anyio.create_task_group() as parts:
                 for p in self.partitions:
                     await parts.start(p.run)
@@ -197,11 +218,14 @@ class Runtime:
                 "processed": p.processed,
                 "dead_lettered": p.outbox.dead_lettered,
                 "exceptions": p.outbox.exceptions_sent,
+                "disk_full": p.snapshots.disk_full,
             }
             for p in self.partitions
         ]
+        disk_full = any(p.snapshots.disk_full for p in self.partitions)
         return {
-            "status": "ok" if connected else "nats_unavailable",
+            "status": ("disk_full" if disk_full else "ok") if connected else "nats_unavailable",
+            "disk_full": disk_full,  # snapshots find no room: applying on, nothing stored meanwhile
             "nats": "connected" if connected else ("reconnecting" if self.nc.is_reconnecting else "closed"),
             "uptime_s": round(time.monotonic() - self.started_at, 1),
             "unconfirmed_publishes": self.publisher.outstanding,
@@ -274,28 +298,66 @@ async def _close_nats(nc: NATS) -> None:
 
 
 async def run(cfg: Config, clock: Callable[[], int] = wall_clock_us) -> int:
-    """`router run`: serve until SIGTERM/SIGINT; 0 after a clean stop, 1 on a fatal error."""
-    failure: FatalError | None = None
+    """`router run`: serve until SIGTERM/SIGINT; 0 after a clean stop, 1 on a fatal error.
+
+    A snapshot store found damaged while the router runs (its first read error, wherever it
+    happens) is moved aside and the router starts again, rebuilding from the stream, or
+    stops with a message when the stream no longer holds the whole history.
+    """
+    rebuilding = False
     try:
-        async with Runtime.open(cfg, clock) as rt:
-            async with anyio.create_task_group() as tg:
-
-                async def signals() -> None:
-                    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
-                        async for signum in received:
-                            log.info("signal_received", signal=signal.Signals(signum).name)
-                            rt.request_stop()
-                            return
-
-                tg.start_soon(signals)
-                try:
-                    await rt.serve()
-                except FatalError as exc:  # raised here, not wrapped in the task group's ExceptionGroup
-                    failure = exc
-                tg.cancel_scope.cancel()
-            if failure is not None:
-                raise failure
+        while await _serve_until_stopped(cfg, clock, rebuilding):
+            rebuilding = True
     except FatalError as exc:
         log.error("router_failed", error=str(exc))
         return 1
     return 0
+
+
+async def _serve_until_stopped(cfg: Config, clock: Callable[[], int], rebuilding: bool) -> bool:
+    """One life of the runtime; True when it found its store damaged and moved it aside (start again)."""
+    failure: BaseException | None = None
+    damage: StoreDamagedError | None = None
+    async with Runtime.open(cfg, clock, rebuilding=rebuilding) as rt:
+        async with anyio.create_task_group() as tg:
+
+            async def signals() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+                    async for signum in received:
+                        log.info("signal_received", signal=signal.Signals(signum).name)
+                        rt.request_stop()
+                        return
+
+            tg.start_soon(signals)
+            try:
+                await rt.serve()
+            except BaseException as exc:  # (raised here, not wrapped in this task group's ExceptionGroup)
+                failure = find(exc, FatalError)
+                full = find(exc, StoreFullError)
+                if failure is None and full is not None:  # where no retry helps (starting, stopping)
+                    failure = FatalError(f"{full}: free space on the disk that holds it and start again")
+                damage = find(exc, StoreDamagedError) if failure is None else None
+                if failure is None and damage is None:
+                    raise
+            tg.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        if damage is None:
+            return False
+        first = await _events_first_seq(rt)
+        if first is not None and first > 1:
+            raise beyond_repair(cfg, damage, first)
+        stopping = rt.stopping
+    # The store is closed now.
+    await quarantine(cfg, damage, found="reading it while running")
+    return not stopping
+
+
+async def _events_first_seq(rt: Runtime) -> int | None:
+    """The first sequence EVENTS holds, or None when it cannot be asked now."""
+    try:
+        info = await rt.jsm.stream_info(rt.cfg.streams.events)
+    except Exception as exc:
+        log.warning("stream_info_failed", stream=rt.cfg.streams.events, error=repr(exc))
+        return None
+    return int(info.state.first_seq or 0)

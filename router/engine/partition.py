@@ -453,7 +453,7 @@ class Partition:
                 entry = outbox.track(seq, reply, prev_seq, prev_reply)
                 await outbox.dead_letter(entry, parsed.subject, data, parsed.code, parsed.detail)
             return
-        text, kind, key, _k = parsed
+        text, kind, key, k = parsed
         if event is None:  # the payload did not decode
             try:
                 decode_payload(kind, data)
@@ -465,7 +465,9 @@ class Partition:
             raise AssertionError("decode_payload accepted what the decoder refused")  # pragma: no cover
         if exc is not None:
             self._log.error("actor_error", kind=kind, key=key, seq=seq, error=repr(exc))
-            await self._rebuild_actor(kind, key, seq)
+            # The actor may have changed the state before raising: as if the event never came.
+            self.resident[k] = await rebuild_state(self.d.store, self.d.nc, self.cfg, self.th, kind, key, seq)
+            self.snapshots.dirty.add(k)
             if publish:
                 entry = outbox.track(seq, reply, prev_seq, prev_reply)
                 detail = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]
@@ -474,12 +476,6 @@ class Partition:
         outward = publish and any(type(e) is not SetTimer for e in effects)
         tracked = outbox.track(seq, reply, prev_seq, prev_reply) if outward else None
         await outbox.effects(tracked, kind, key, seq, ts_us, effects, publish)
-
-    async def _rebuild_actor(self, kind: str, key: str, upto: int) -> None:
-        """An actor raised midway: rebuild its state so the failed event leaves it unchanged."""
-        k = (kind, key)
-        self.resident[k] = await rebuild_state(self.d.store, self.d.jsm, self.cfg, self.th, kind, key, upto)
-        self.snapshots.dirty.add(k)
 
     async def _advance_acks(self) -> None:
         """Ack (AckAll) up to just before the first message whose effects are not all confirmed."""

@@ -18,7 +18,7 @@ from contracts import KEY_RE
 from router.engine.partition import Partition
 from router.jetstream.parser import Refusal, escape, is_utf8
 from router.jetstream.streams import partition_of
-from snapshots import Store
+from snapshots import Store, StoreDamagedError
 
 log = structlog.get_logger()
 _ENC = msgspec.json.Encoder()
@@ -47,13 +47,15 @@ async def serve_queries(
     thresholds: Thresholds,
     health: Callable[[], dict[str, Any]],
     refuse_bad_subjects: Callable[[Any, Refusal], None],
+    on_store_damaged: Callable[[StoreDamagedError], None],
     *,
     task_status: Any = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Answer `router.state.<kind>.<key>` and `router.health` until cancelled.
 
     `refuse_bad_subjects(sub, refusal)` hands a subscription's requests whose subject is not
-    valid UTF-8 to `refusal` (see router.jetstream.parser)."""
+    valid UTF-8 to `refusal` (see router.jetstream.parser). A store found damaged while
+    answering goes to `on_store_damaged` (the daemon moves it aside and rebuilds)."""
 
     async def on_state(msg: Msg) -> None:
         if not msg.reply:
@@ -68,6 +70,8 @@ async def serve_queries(
                 body = await state_reply(partitions, store, thresholds, tokens[2], tokens[3])
             except Exception as exc:
                 log.error("state_query_failed", subject=msg.subject, error=repr(exc))
+                if isinstance(exc, StoreDamagedError):
+                    on_store_damaged(exc)
                 body = {"error": f"state query failed: {exc!r}"}
         with contextlib.suppress(Exception):
             await nc.publish(msg.reply, _ENC.encode(body))

@@ -3,9 +3,15 @@
 The partition's loop marks changed actors in `dirty`; `start` (from the loop) takes them as
 one snapshot and `serve` (a task of the partition) writes it while the loop goes on. A
 snapshot holds states and the partition's marks in one transaction, never ahead of the
-confirmed effects of what it holds (see `_write`). `commit` and `write_fired` are the only
+confirmed effects of what it holds (see `write`). `commit` and `write_fired` are the only
 ways a partition's state reaches the store: anything that must hold for every write (a fence)
 belongs there. The key filter is filled and saved here too: it says what the store holds.
+
+A full disk (SQLITE_FULL) fails a write and nothing else: its actors stay dirty (and in
+memory), the partition goes on applying and acknowledging (a restart resumes from the
+store's marks, so the stream still holds everything the store lacks), and the write is
+tried again with a growing pause until there is space. `disk_full` says so meanwhile, and
+one log line each way.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import actors
 from router.engine.keyfilter import KeyFilter
 from router.engine.outbox import Outbox
 from router.engine.timers import Timers
-from snapshots import ActorRecord, Store
+from snapshots import ActorRecord, Store, StoreFullError
 
 log = structlog.get_logger()
 
@@ -32,6 +38,9 @@ Key = tuple[str, str]
 _SLICE_S: Final = 0.0003
 # Keys read per page when filling the key filter.
 KEY_FILTER_PAGE: Final = 4_000
+# After a write found the disk full, the next try comes after this many seconds, doubling up to the most.
+FULL_RETRY_FIRST_S: Final = 1.0
+FULL_RETRY_MOST_S: Final = 30.0
 
 # A snapshot asks only the kinds that keep timers for them (see ActorRecord.timers).
 _TIMERS: Final = {kind: mod.timers if kind in actors.TIMED_KINDS else None for kind, mod in actors.ACTORS.items()}
@@ -56,6 +65,7 @@ class Snapshotter:
         outbox: Outbox,
         timers: Timers,
         wake: Callable[[], None],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self._index = index
@@ -66,6 +76,10 @@ class Snapshotter:
         self._timers = timers
         self._wake = wake  # a snapshot ended: written actors may be evicted, fetching may resume
         self._log = log.bind(partition=index)
+        self._clock = clock  # for the pause after a full disk
+        self.disk_full = False  # the last write found no room
+        self._full_retry_at = 0.0
+        self._full_pause = 0.0
         self.dirty: set[Key] = set()  # changed since the last snapshot started
         self.writing: set[Key] = set()  # in the snapshot being written
         self.since = 0  # events applied since the last snapshot started
@@ -84,6 +98,8 @@ class Snapshotter:
     # ------------------------------------------------------------------ when
 
     def due(self) -> bool:
+        if self.disk_full and self._clock() < self._full_retry_at:
+            return False
         return self.since >= self.every_events or time.monotonic() - self.last >= self._every_s
 
     def request_now(self) -> None:
@@ -182,6 +198,7 @@ class Snapshotter:
             await self.commit(rows, applied, effects)
             self.snapshot_seq = applied
             self.marked_effects = effects
+            self._room_again()
             if rows:
                 self._log.debug(
                     "snapshot_written",
@@ -192,9 +209,13 @@ class Snapshotter:
             while len(rows) > 256:  # freeing 100k records at once would hold up the loop for ~20 ms
                 del rows[-256:]
                 await anyio.lowlevel.checkpoint()
-        except BaseException:
+        except StoreFullError as exc:
             self.dirty |= keys  # not written: keep them dirty
             self._timers.snapshot_failed()  # and their far timers in view
+            self._no_room(exc, "snapshot")
+        except BaseException:
+            self.dirty |= keys
+            self._timers.snapshot_failed()
             raise
         finally:
             self._timers.snapshot_ended()
@@ -208,9 +229,35 @@ class Snapshotter:
         await self._store.write_snapshot(self._index, rows, applied_seq=applied, effects_seq=effects, fence=self.fence)
 
     async def write_fired(self, rows: Sequence[ActorRecord]) -> None:
-        """Store actors whose timer firings are confirmed (marks unchanged)."""
-        if rows:
+        """Store actors whose timer firings are confirmed (marks unchanged).
+
+        On a full disk they are not stored now: each is dirty since its firing, so the next
+        snapshot that is written stores it (newer, with marks that cover it)."""
+        if not rows:
+            return
+        try:
             await self._store.write_actors(self._index, rows, fence=self.fence)
+        except StoreFullError as exc:
+            self._no_room(exc, "fired timers")
+
+    def _no_room(self, exc: StoreFullError, what: str) -> None:
+        """A write found the disk full: try again later, pausing longer each time."""
+        self._full_pause = min(FULL_RETRY_MOST_S, self._full_pause * 2 or FULL_RETRY_FIRST_S)
+        self._full_retry_at = self._clock() + self._full_pause
+        if not self.disk_full:
+            self.disk_full = True
+            self._log.error(
+                "disk_full",
+                write=what,
+                error=str(exc),
+                action="applying and acknowledging on; snapshots retried until there is space",
+            )
+
+    def _room_again(self) -> None:
+        if self.disk_full:
+            self.disk_full = False
+            self._log.warning("disk_full_over", dirty_left=len(self.dirty))
+        self._full_pause = 0.0
 
     # ------------------------------------------------------------------ the key filter
 
@@ -248,4 +295,7 @@ class Snapshotter:
         created), so the next start can skip reading them all. It takes the filter back out at
         once, so a crash after that start never trusts a filter older than the store."""
         if stored.ready:
-            await self._store.save_blob(self._filter_name, stored.dump())
+            try:
+                await self._store.save_blob(self._filter_name, stored.dump())
+            except StoreFullError as exc:  # a cache: the next start reads the keys instead
+                self._log.warning("key_filter_not_saved", error=str(exc))

@@ -4,11 +4,16 @@ The store says through which stream sequence each partition applied; the stream 
 it still holds. State can be brought up to date only when every event after the store's
 marks is still in the stream, and rebuilt from nothing only when the stream holds the whole
 history. Anything else stops the start with a message that says what to do.
+
+A store found damaged later, at its first read error wherever that happens, is handled by
+the daemon the same way: moved aside, then a new start rebuilds from the stream, or the
+router stops when the stream cannot rebuild it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import structlog
 
@@ -40,8 +45,48 @@ def check_marks(index: int, applied: int, info: Any, cfg: Config) -> tuple[int, 
     return first, last
 
 
-async def open_store(cfg: Config, events_info: Any) -> Store:
-    """Open the snapshot store; rebuild from the stream when damaged and the stream still has it all."""
+def beyond_repair(cfg: Config, exc: StoreDamagedError, first: int) -> FatalError:
+    """The error for a damaged store that the stream (starting at `first`) cannot rebuild."""
+    path = cfg.snapshot_path
+    return FatalError(
+        f"snapshot store {path} is damaged ({exc.reason}) and stream {cfg.streams.events} "
+        f"no longer holds the whole history (it starts at sequence {first}; events "
+        f"1..{first - 1} are gone), so state cannot be rebuilt from it. Restore {path} from a "
+        f"backup and start again; the damaged file was left in place"
+    )
+
+
+async def quarantine(cfg: Config, exc: StoreDamagedError, found: str) -> Path:
+    """Move a damaged store aside (kept, named with the time) and say so in one line."""
+    path = cfg.snapshot_path
+    moved = await Store.quarantine(path)
+    log.error(
+        "snapshot_store_damaged", path=str(path), reason=exc.reason, found=found, moved_to=str(moved),
+        action="rebuilding from the stream",
+    )
+    return moved
+
+
+E = TypeVar("E", bound=BaseException)
+
+
+def find(exc: BaseException, cls: type[E]) -> E | None:
+    """`exc` itself when a `cls`, else the first `cls` inside it (task groups wrap what their tasks raise)."""
+    if isinstance(exc, cls):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = find(inner, cls)
+            if found is not None:
+                return found
+    return None
+
+
+async def open_store(cfg: Config, events_info: Any, *, rebuilding: bool = False) -> Store:
+    """Open the snapshot store; rebuild from the stream when damaged and the stream still has it all.
+
+    `rebuilding`: the last store was found damaged and moved aside, which was said already.
+    """
     path = cfg.snapshot_path
     first = int(events_info.state.first_seq or 0)
     has_history = first <= 1  # never purged: sequence 1 onward is all there
@@ -49,15 +94,9 @@ async def open_store(cfg: Config, events_info: Any) -> Store:
         store = await Store.open(path, synchronous=cfg.snapshots.synchronous)
     except StoreDamagedError as exc:
         if not has_history:
-            raise FatalError(
-                f"snapshot store {path} is damaged ({exc.reason}) and stream {cfg.streams.events} "
-                f"no longer holds the whole history (it starts at sequence {first}; events "
-                f"1..{first - 1} are gone), so state cannot be rebuilt from it. Restore {path} from a "
-                f"backup and start again; the damaged file was left in place"
-            ) from None
-        moved = await Store.quarantine(path)
-        log.error("snapshot_store_damaged", path=str(path), reason=exc.reason, moved_to=str(moved),
-                  action="rebuilding from the stream")
+            raise beyond_repair(cfg, exc, first) from None
+        await quarantine(cfg, exc, found="opening it")
+        rebuilding = True
         store = await Store.open(path, synchronous=cfg.snapshots.synchronous)
     if store.created and not has_history:
         await store.close()
@@ -67,6 +106,6 @@ async def open_store(cfg: Config, events_info: Any) -> Store:
             f"sequence {first} (earlier events are gone): state cannot be rebuilt from the stream. "
             f"Restore {path} from a backup"
         )
-    if store.created and int(events_info.state.messages or 0):
+    if store.created and int(events_info.state.messages or 0) and not rebuilding:
         log.warning("snapshot_store_new", path=str(path), action="rebuilding state from the stream")
     return store

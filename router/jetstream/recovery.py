@@ -49,7 +49,8 @@ def _rfc3339(ns: int) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%S") + f".{ns % 1_000_000_000:09d}Z"
 
 
-def _parse_ns(text: str) -> int:
+def timestamp_ns(text: str) -> int:
+    """Epoch nanoseconds of a JetStream time stamp such as `2026-11-22T18:58:51.530232162Z`."""
     head, _, frac = text.rstrip("Z").partition(".")
     whole = dt.datetime.fromisoformat(head).replace(tzinfo=dt.UTC)
     return int(whole.timestamp()) * 1_000_000_000 + int((frac + "000000000")[:9])
@@ -123,7 +124,7 @@ class StoredEffects:
                 first = await anext(it, None)
             if first is None:
                 return self
-            since = _parse_ns(first.headers["Nats-Time-Stamp"]) - CLOCK_MARGIN_NS
+            since = timestamp_ns(first.headers["Nats-Time-Stamp"]) - CLOCK_MARGIN_NS
             for stream in (cfg.streams.exceptions, cfg.streams.deadletter):
                 info = await nc.jsm().stream_info(stream)
                 end = int(info.state.last_seq or 0)
