@@ -69,3 +69,20 @@ def _seconds_prefix(seconds: int) -> str:
 
 def rfc3339_opt(us: int | None) -> str | None:
     return None if us is None else rfc3339(us)
+
+
+def skew_text(us: int) -> str:
+    """A positive duration for people: `5h30m`, `2h`, `2914d5h3m12s`; under 10 s to the microsecond (`1.5s`).
+
+    From 10 s on it is rounded to whole seconds: a skew measured against a stream timestamp
+    carries the publish delay, and `5h30m` reads better than `5h29m59.987s`.
+    """
+    if us < 10_000_000:
+        whole, frac = divmod(us, 1_000_000)
+        return f"{whole}.{frac:06d}".rstrip("0").rstrip(".") + "s"
+    seconds = (us + 500_000) // 1_000_000
+    days, seconds = divmod(seconds, 86_400)
+    hours, seconds = divmod(seconds, 3_600)
+    minutes, seconds = divmod(seconds, 60)
+    parts = [(days, "d"), (hours, "h"), (minutes, "m"), (seconds, "s")]
+    return "".join(f"{n}{unit}" for n, unit in parts if n)

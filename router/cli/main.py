@@ -295,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=0, metavar="N", help="stop after N exceptions")
     p.set_defaults(func=cmd_watch)
 
+    from router.cli.settings import register as register_settings
+
+    register_settings(sub, client)
+
     p = sub.add_parser(
         "dlq",
         parents=[client],

@@ -16,6 +16,7 @@ import actors
 from actors import Thresholds
 from contracts import KEY_RE
 from router.engine.partition import Partition
+from router.engine.settings_list import settings_page
 from router.jetstream.parser import Refusal, escape, is_utf8
 from router.jetstream.streams import partition_of
 from snapshots import Store, StoreDamagedError
@@ -92,7 +93,22 @@ async def serve_queries(
             with contextlib.suppress(Exception):
                 await nc.publish(msg.reply, _ENC.encode(health()))
 
-    subs = [await nc.subscribe("router.state.>", cb=on_state), await nc.subscribe("router.health", cb=on_health)]
+    async def on_settings_list(msg: Msg) -> None:
+        if not msg.reply:
+            return
+        try:
+            body = await settings_page(partitions, store, msg.data)
+        except Exception as exc:
+            log.error("settings_list_failed", error=repr(exc))
+            body = {"error": f"settings list failed: {exc!r}"}
+        with contextlib.suppress(Exception):
+            await nc.publish(msg.reply, _ENC.encode(body))
+
+    subs = [
+        await nc.subscribe("router.state.>", cb=on_state),
+        await nc.subscribe("router.health", cb=on_health),
+        await nc.subscribe("router.settings.list", cb=on_settings_list),
+    ]
     refuse_bad_subjects(subs[0], refuse)
     task_status.started()
     try:

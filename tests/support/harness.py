@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import nats
 
-from contracts.config import Config, config_from_dict
+from contracts.config import Config, config_from_dict, duration_us
 from router.engine.daemon import Runtime, wall_clock_us
 from tests.support.oracle import Expected, Stored, expected_reply, fold, read_stream
 
@@ -134,7 +134,7 @@ async def check_against_fold(url: str, cfg: Config, rt: Runtime | None = None) -
     from actors import Thresholds
 
     events = await read_stream(url, cfg.streams.events)
-    exp = fold(events, Thresholds.from_rules(cfg.rules))
+    exp = fold(events, Thresholds.from_rules(cfg.rules), duration_us(cfg.rules.max_future_skew))
     exceptions = await read_stream(url, cfg.streams.exceptions)
     got_ids = Counter(json.loads(m.data)["id"] for m in exceptions)
     event_caused = Counter({i: n for i, n in got_ids.items() if not i.rsplit(":", 1)[1].startswith("t")})
@@ -175,7 +175,7 @@ async def check_states(url: str, exp: Expected, sample: int | None = None) -> No
         keys = keys[:: max(1, len(keys) // sample)]
     for kind, key in keys:
         got = await query_state(url, kind, key)
-        want = normalize(expected_reply(kind, key, exp.states[(kind, key)]))
+        want = normalize(expected_reply(kind, key, exp.states[(kind, key)], exp.th))
         assert got == want, f"{kind}:{key}\n got {got}\nwant {want}"
 
 

@@ -37,6 +37,7 @@ class Expected:
     exception_ids: list[str] = field(default_factory=list)
     dead_letters: dict[int, str] = field(default_factory=dict)  # seq -> Router-Error
     message_ids: list[str] = field(default_factory=list)
+    th: Thresholds = field(default_factory=Thresholds)  # for the state replies' `effective`
 
 
 def _ts_ns(msg: Any) -> int:
@@ -136,8 +137,12 @@ async def _read_batched(nc: Any, stream: str, first: int, last: int, batch: int 
     return out
 
 
-def fold(events: list[Stored], th: Thresholds) -> Expected:
-    exp = Expected()
+# `[rules] max_future_skew` by default.
+HOUR_US = 3_600_000_000
+
+
+def fold(events: list[Stored], th: Thresholds, max_future_skew_us: int = HOUR_US) -> Expected:
+    exp = Expected(th=th)
     for m in events:
         try:
             kind, key, event = decode_event(m.subject, m.data)
@@ -145,7 +150,11 @@ def fold(events: list[Stored], th: Thresholds) -> Expected:
             exp.dead_letters[m.seq] = err.code
             continue
         state = exp.states.get((kind, key))
-        ts_us = to_us(event.ts) if event.ts is not None else (m.ts_ns + 500) // 1000
+        stream_us = (m.ts_ns + 500) // 1000
+        if event.ts is not None and to_us(event.ts) - stream_us > max_future_skew_us:
+            exp.dead_letters[m.seq] = "invalid"  # a ts from the future (CONTRACT section 2)
+            continue
+        ts_us = to_us(event.ts) if event.ts is not None else stream_us
         state, effects = actors.step(kind, state, key, m.seq, event, ts_us, th)
         exp.states[(kind, key)] = state
         for eff in effects:
@@ -159,9 +168,10 @@ def fold(events: list[Stored], th: Thresholds) -> Expected:
     return exp
 
 
-def expected_reply(kind: str, key: str, state: Any) -> dict[str, Any]:
-    """The state reply (CONTRACT section 5) the router must give for a folded state."""
+def expected_reply(kind: str, key: str, state: Any, th: Thresholds | None = None) -> dict[str, Any]:
+    """The state reply (CONTRACT section 5) the router must give for a folded state (`th`: its config's)."""
     if state is None or state.seq == 0:
         return {"kind": kind, "key": key, "seq": 0, "state": None, "exceptions": []}
     mod = actors.ACTORS[kind]
-    return {"kind": kind, "key": key, "seq": state.seq, "state": mod.view(state), "exceptions": mod.raised(state)}
+    view = actors.view(kind, state, th)
+    return {"kind": kind, "key": key, "seq": state.seq, "state": view, "exceptions": mod.raised(state)}

@@ -55,6 +55,9 @@ def write_config(path: Path, url: str, **sections: dict[str, Any]) -> Config:
         "snapshots": {"path": "data/router.db", "every": "200ms"},
         "router": {"shutdown_timeout": "10s"},
         "log": {"level": "info", "format": "json"},
+        # The seeded workloads of these tests lie a day ahead (so that no timer fires during a
+        # test): a skew guard of two days lets them through. A test of the guard sets its own.
+        "rules": {"max_future_skew": "2d"},
     }
     for name, values in sections.items():
         tables.setdefault(name, {}).update(values)
@@ -276,7 +279,7 @@ async def check_all_states(url: str, exp: Expected) -> int:
     got = await query_states(url, keys)
     bad = []
     for k in keys:
-        want = json.loads(json.dumps(expected_reply(k[0], k[1], exp.states[k])))
+        want = json.loads(json.dumps(expected_reply(k[0], k[1], exp.states[k], exp.th)))
         if got[k] != want:
             bad.append(f"{k[0]}:{k[1]}\n got {got[k]}\nwant {want}")
     assert not bad, f"{len(bad)} of {len(keys)} states differ from the fold, e.g.\n" + "\n".join(bad[:3])
