@@ -117,6 +117,11 @@ class Partition:
     def _set_wake(self) -> None:
         self._wake.set()
 
+    @property
+    def snapshot_seq(self) -> int:
+        """The stored state holds every event at or below this (the last snapshot written)."""
+        return self.snapshots.snapshot_seq
+
     # ------------------------------------------------------------------ start-up
 
     async def prepare(self) -> None:
