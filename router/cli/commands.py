@@ -26,6 +26,7 @@ from router.cli.common import (
     run_async,
     until_interrupted,
 )
+from router.cli.health import last_report
 from router.jetstream.streams import stores
 
 # --- client commands -------------------------------------------------------------------
@@ -173,11 +174,12 @@ def cmd_state(args: argparse.Namespace) -> int:
                 reply = await nc.request(subject, b"", timeout=args.timeout)
             except NoRespondersError:
                 raise ClientError(
-                    f"no responder on {subject} at {server}: is the router running?"
+                    f"no responder on {subject} at {server}: {last_report(cfg) or 'is the router running?'}"
                 ) from None
             except NatsTimeoutError:
                 raise ClientError(
-                    f"no reply on {subject} within {args.timeout:g}s: is the router busy or stopped?"
+                    f"no reply on {subject} within {args.timeout:g}s: "
+                    f"{last_report(cfg) or 'is the router busy or stopped?'}"
                 ) from None
             return bytes(reply.data)
 

@@ -33,6 +33,7 @@ from router.cli.common import (
     single_exception,
 )
 from router.cli.dlq import cmd_dlq, dead_letter_number
+from router.cli.health import add_parser as add_health_parser
 from router.cli.store import add_store_commands
 
 # --- run, check-config, schema ---------------------------------------------------------
@@ -329,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=[*KINDS, "unknown"], help="only dead letters of this kind")
     p.add_argument("--raw", action="store_true", help="show: write only the payload's exact bytes")
     p.set_defaults(func=cmd_dlq)
+
+    add_health_parser(sub, client, argparse.RawDescriptionHelpFormatter)
 
     p = sub.add_parser(
         "schema",
