@@ -21,7 +21,7 @@ import msgspec
 
 from contracts.times import rfc3339, to_us
 
-Status = Literal["starting", "ok", "nats_unavailable", "stopping", "stopped"]
+Status = Literal["starting", "ok", "nats_unavailable", "disk_full", "stopping", "stopped"]
 DiskStatus = Literal["ok", "low", "unknown"]
 
 FILE_NAME: Final = "health.json"
@@ -47,6 +47,7 @@ class PartitionHealth(msgspec.Struct, kw_only=True):
     dead_lettered: int
     exceptions: int
     last_snapshot_age_s: float
+    disk_full: bool = False  # snapshots find no room: applying goes on, nothing is stored meanwhile
 
 
 class DiskHealth(msgspec.Struct, kw_only=True):
@@ -57,7 +58,8 @@ class DiskHealth(msgspec.Struct, kw_only=True):
 
 
 class Health(msgspec.Struct, kw_only=True):
-    status: Status
+    status: Status  # ok; nats_unavailable or disk_full (running, degraded); starting, stopping, stopped
+    disk_full: bool = False  # some partition's snapshots find no room (see PartitionHealth.disk_full)
     connected: bool  # to NATS
     nats: Literal["connected", "reconnecting", "closed"]
     ready: bool  # connected, and every partition has caught up with its backlog (what /readyz reports)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import gc
-import json
+import os
 import signal
 import sys
 import time
@@ -19,6 +19,7 @@ from nats.js.manager import JetStreamManager
 from actors import Thresholds
 from contracts.config import Config, ConfigError, duration_us
 from contracts.secrets import redact
+from router import health as health_model
 from router.engine.deps import PartitionDeps
 from router.engine.partition import Partition
 from router.engine.queries import serve_queries
@@ -28,6 +29,7 @@ from router.jetstream import streams
 from router.jetstream.connection import connect_options
 from router.jetstream.parser import FastParser, Refusal
 from router.jetstream.publisher import Publisher
+from router.metrics import RouterMetrics, Summary
 from snapshots import Store, StoreDamagedError, StoreFullError
 
 log = structlog.get_logger()
@@ -54,6 +56,7 @@ class Runtime:
         self.horizon_us = duration_us(cfg.router.timer_horizon)
         self.snapshot_every_s = duration_us(cfg.snapshots.every) / 1e6
         self.publisher = Publisher(nc)
+        self.metrics = RouterMetrics()
         deps = PartitionDeps(
             cfg=cfg,
             nc=nc,
@@ -65,9 +68,13 @@ class Runtime:
             raw_path=self.raw_path,
             horizon_us=self.horizon_us,
             snapshot_every_s=self.snapshot_every_s,
+            metrics=self.metrics,
         )
         self.partitions = [Partition(deps, i) for i in range(cfg.router.partitions)]
+        self.metrics.registry.add_collector(self._collect)
         self.started_at = time.monotonic()
+        self.started_wall = health_model.now_rfc3339()
+        self.status: health_model.Status = "starting"
         self._stop = anyio.Event()
         self._damaged: StoreDamagedError | None = None
         self._damage_found = anyio.Event()
@@ -164,7 +171,9 @@ class Runtime:
             async with anyio.create_task_group() as parts:
                 for p in self.partitions:
                     await parts.start(p.run)
+                self.status = "ok"
                 tg.start_soon(self._health_file_loop)
+                tg.start_soon(self._summary_loop)
                 log.info(
                     "router_started",
                     url=redact(self.url),
@@ -174,6 +183,7 @@ class Runtime:
                 task_status.started()
                 await self._stop.wait()
                 log.info("router_stopping")
+                self.status = "stopping"
                 timeout = duration_us(cfg.router.shutdown_timeout) / 1e6
                 # Every step below shares this deadline, leaving CLOSE_S to close the connection.
                 stop_by = anyio.current_time() + max(timeout - CLOSE_S, 0.5)
@@ -197,6 +207,8 @@ class Runtime:
                 if snap.cancelled_caught:
                     log.warning("stop_without_final_snapshot", reason="effects not confirmed in time")
                 self.closing = True
+                self.status = "stopped"
+                self._write_health()  # last: no reader may take an earlier report for a running router
                 log.info(
                     "router_stopped",
                     applied_seq=[p.applied_seq for p in self.partitions],
@@ -204,45 +216,79 @@ class Runtime:
                 )
             tg.cancel_scope.cancel()
 
-    def health(self) -> dict[str, Any]:
-        connected = self.nc.is_connected
+    def _collect(self) -> None:
+        """The gauges read rather than tracked (see router.metrics.Registry.add_collector)."""
+        now = time.monotonic()
+        for p in self.partitions:
+            p.meter.collect(len(p.resident), now - p.snapshots.caught_up_at)
+
+    def health(self) -> health_model.Health:
+        """The one health model: what router.health answers and <data>/health.json holds."""
+        nc = self.nc
+        connected = nc.is_connected and not self.closing
+        now = time.monotonic()
         parts = [
-            {
-                "partition": p.index,
-                "applied_seq": p.applied_seq,
-                "effects_confirmed_seq": p.effects_seq,
-                "snapshot_seq": p.snapshots.snapshot_seq,
-                "resident_actors": len(p.resident),
-                "dirty_actors": len(p.snapshots.dirty),
-                "timers_due_soon": len(p.timers.heap),
-                "processed": p.processed,
-                "dead_lettered": p.outbox.dead_lettered,
-                "exceptions": p.outbox.exceptions_sent,
-                "disk_full": p.snapshots.disk_full,
-            }
+            health_model.PartitionHealth(
+                partition=p.index,
+                applied_seq=p.applied_seq,
+                effects_confirmed_seq=p.effects_seq,
+                snapshot_seq=p.snapshots.snapshot_seq,
+                lag=p.meter.lag,
+                caught_up=p.caught_up_us > 0,
+                resident_actors=len(p.resident),
+                dirty_actors=len(p.snapshots.dirty),
+                timers_due_soon=len(p.timers.heap),
+                processed=p.processed,
+                dead_lettered=p.outbox.dead_lettered,
+                exceptions=p.outbox.exceptions_sent,
+                last_snapshot_age_s=round(now - p.snapshots.caught_up_at, 3),
+                disk_full=p.snapshots.disk_full,
+            )
             for p in self.partitions
         ]
-        disk_full = any(p.snapshots.disk_full for p in self.partitions)
-        return {
-            "status": ("disk_full" if disk_full else "ok") if connected else "nats_unavailable",
-            "disk_full": disk_full,  # snapshots find no room: applying on, nothing stored meanwhile
-            "nats": "connected" if connected else ("reconnecting" if self.nc.is_reconnecting else "closed"),
-            "uptime_s": round(time.monotonic() - self.started_at, 1),
-            "unconfirmed_publishes": self.publisher.outstanding,
-            "partitions": parts,
-        }
+        disk_full = any(p.disk_full for p in parts)
+        status = self.status
+        if status == "ok" and not connected:
+            status = "nats_unavailable"
+        elif status == "ok" and disk_full:
+            status = "disk_full"
+        return health_model.Health(
+            status=status,
+            disk_full=disk_full,
+            connected=connected,
+            nats="connected" if connected else ("reconnecting" if nc.is_reconnecting else "closed"),
+            ready=connected and status in ("ok", "disk_full") and all(p.caught_up for p in parts),
+            pid=os.getpid(),
+            started_at=self.started_wall,
+            updated_at=health_model.now_rfc3339(),
+            refresh_s=health_model.REFRESH_S,
+            uptime_s=round(now - self.started_at, 1),
+            unconfirmed_publishes=self.publisher.outstanding,
+            disk=health_model.disk_health(self.cfg.data_dir),
+            partitions=parts,
+        )
+
+    def _write_health(self) -> None:
+        try:
+            health_model.write_file(self.cfg.data_dir, self.health())
+        except OSError as exc:
+            log.debug("health_file_not_written", error=str(exc))
 
     async def _health_file_loop(self) -> None:
-        """`<data>/health.json`: readable even while NATS is away."""
-        path = self.cfg.data_dir / "health.json"
+        """`<data>/health.json`, remade every REFRESH_S: readable even while NATS is away."""
         while True:
-            try:
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(self.health(), indent=1))
-                tmp.replace(path)
-            except OSError:
-                pass
-            await anyio.sleep(1.0)
+            self._write_health()
+            await anyio.sleep(health_model.REFRESH_S)
+
+    async def _summary_loop(self) -> None:
+        """`router_summary` at info every `[log] summary_every`: what the router did meanwhile."""
+        every = duration_us(self.cfg.log.summary_every) / 1e6
+        if every <= 0:
+            return
+        summary = Summary(self.metrics)
+        while True:
+            await anyio.sleep(every)
+            log.info("router_summary", **summary.fields())
 
 
 async def _connect(cfg: Config, url: str, holder: dict[str, Runtime]) -> NATS:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -12,6 +12,7 @@ from nats.js.manager import JetStreamManager
 from actors import Thresholds
 from contracts.config import Config
 from router.jetstream.publisher import Publisher
+from router.metrics import RouterMetrics
 from snapshots import Store
 
 RawHandler = Callable[[bytes, bytes, bytes, "dict[str, str] | None"], None]
@@ -31,3 +32,4 @@ class PartitionDeps:
     raw_path: Callable[[Any, RawHandler], None]  # deliver a subscription's messages to a handler raw
     horizon_us: int  # `[router] timer_horizon`
     snapshot_every_s: float  # `[snapshots] every`
+    metrics: RouterMetrics = field(default_factory=RouterMetrics)  # the process's registry

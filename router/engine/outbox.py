@@ -26,6 +26,7 @@ from contracts.rules import SEVERITY
 from contracts.times import rfc3339
 from router.jetstream.publisher import Fence, Publisher
 from router.jetstream.recovery import StoredEffects
+from router.metrics import RouterMetrics
 
 log = structlog.get_logger()
 
@@ -62,8 +63,12 @@ class InFlight:
 class Outbox:
     """Effects out, confirmations in, for one partition."""
 
-    def __init__(self, publisher: Publisher, now_us: Callable[[], int], schedule: Schedule, wake: Done) -> None:
+    def __init__(
+        self, publisher: Publisher, now_us: Callable[[], int], schedule: Schedule, wake: Done, metrics: RouterMetrics
+    ) -> None:
         self._publisher = publisher
+        self._exceptions = metrics.exceptions  # by (kind, rule, status)
+        self._dead_letters = metrics.dead_letters  # by (reason,)
         self._now_us = now_us
         self._schedule = schedule  # where a SetTimer effect goes
         self._wake = wake  # an entry is fully confirmed: acks may advance
@@ -172,6 +177,7 @@ class Outbox:
                     )
                 )
                 self.exceptions_sent += 1
+                self._exceptions.inc((kind, eff.rule, eff.status))
                 await self.publish(
                     entry, exception_subject(kind, eff.rule, key), payload, {"Nats-Msg-Id": exc_id}, done
                 )
@@ -204,7 +210,8 @@ class Outbox:
             hdr_len += len("Router-Truncated") + len(trunc) + 4
             data = data[: max(0, max_payload - hdr_len - 64)]
         self.dead_lettered += 1
-        log.info("dead_lettered", seq=entry.seq, subject=subject, error=code, detail=detail)
+        self._dead_letters.inc((code,))
+        log.debug("dead_lettered", seq=entry.seq, subject=subject, error=code, detail=detail)
         await self.publish(entry, f"deadletter.{kind}", data, headers, None)
 
     async def publish(

@@ -32,7 +32,6 @@ from contracts.decode import (
     MAX_DEPTH,
     DecodeError,
     Rejected,
-    StoredSubject,
     decode_payload,
     read_subject,
 )
@@ -41,6 +40,7 @@ from contracts.exceptions import timer_cause
 from contracts.times import ns_to_us, rfc3339, to_us
 from router.engine.deps import PartitionDeps
 from router.engine.keyfilter import KeyFilter
+from router.engine.meter import CountedSubject, PartitionMeter, counted
 from router.engine.outbox import Outbox, alert_ids
 from router.engine.rebuild import rebuild_state
 from router.engine.snapshotter import Snapshotter, record
@@ -88,7 +88,7 @@ class Partition:
         self.caught_up_us = 0  # wall time at which the consumer last had nothing more for us
         # Delivery.
         self._inq: deque[tuple[bytes, bytes, bytes, dict[str, str] | None]] = deque()
-        self._subjects: dict[bytes, StoredSubject | Rejected] = {}
+        self._subjects: dict[bytes, CountedSubject | Rejected] = {}
         # The newest queued message the last prefetch looked at (see _prefetch).
         self._prefetched: object = None
         self._wake = anyio.Event()
@@ -98,7 +98,8 @@ class Partition:
         # The parts.
         self.timers = Timers(horizon_us=deps.horizon_us)
         self.pulls = PullRequests(self.stream, self.consumer, index)
-        self.outbox = Outbox(deps.publisher, deps.now_us, self.timers.schedule, self._set_wake)
+        self.meter = PartitionMeter(deps.metrics, index)
+        self.outbox = Outbox(deps.publisher, deps.now_us, self.timers.schedule, self._set_wake, deps.metrics)
         self.snapshots = Snapshotter(
             deps.store,
             index,
@@ -146,6 +147,7 @@ class Partition:
         self.applied_seq = self.acked_seq = self.snapshots.snapshot_seq = applied
         self.effects_seq = self.suppress_through = effects
         self._received_through = applied
+        self.meter.start(max(0, last - applied))
         await streams.position_consumer(d.jsm, self.cfg, self.index, applied + 1)
         await self.snapshots.restore_key_filter(self.stored)
         self.timers.recovering_until_us = d.now_us()
@@ -312,7 +314,7 @@ class Partition:
         received = self._received_through
         applied, last_reply = self.applied_seq, self.last_reply
         lru = len(resident) >= self._lru_from
-        delivered = 0
+        delivered = tally = 0  # tally: events applied, one weight per kind (see router.engine.meter)
         caught_up_reply = b""
         self.pulls.last_heard = time.monotonic()
         while inq:
@@ -378,6 +380,7 @@ class Partition:
                 continue
             state.seq = seq
             dirty.add(k)
+            tally += parsed[4]
             if effects:
                 for eff in effects:
                     if type(eff) is not SetTimer:
@@ -396,6 +399,7 @@ class Partition:
         self.snapshots.since += delivered
         self.processed += delivered
         self.pulls.account(delivered)
+        self.meter.batch(tally, last_reply if delivered else b"", len(inq))
         if caught_up_reply:
             self.caught_up_us = max(self.caught_up_us, ns_to_us(reply_ts_ns(caught_up_reply)))
         if len(resident) > self.cap:
@@ -426,11 +430,11 @@ class Partition:
                     keys.add(k)
         await self._load(keys)
 
-    def _subject(self, subject: bytes) -> StoredSubject | Rejected:
-        """(subject, kind, key, (kind, key)) of a stored subject, or why it is a bad_subject; cached."""
+    def _subject(self, subject: bytes) -> CountedSubject | Rejected:
+        """(subject, kind, key, (kind, key), weight) of a stored subject, or why it is a bad_subject; cached."""
         cached = self._subjects.get(subject)
         if cached is None:
-            cached = read_subject(subject)
+            cached = counted(read_subject(subject))
             if len(self._subjects) >= SUBJECT_CACHE:
                 self._subjects.clear()
             self._subjects[subject] = cached
@@ -458,7 +462,7 @@ class Partition:
                 entry = outbox.track(seq, reply, prev_seq, prev_reply)
                 await outbox.dead_letter(entry, parsed.subject, data, parsed.code, parsed.detail)
             return
-        text, kind, key, k = parsed
+        text, kind, key, k = parsed[:4]
         if event is None:  # the payload did not decode
             try:
                 decode_payload(kind, data)
@@ -545,7 +549,7 @@ class Partition:
             await self.outbox.effects(None, kind, key, None, deadline, effects, publish, cause=timer_cause(deadline), done=done)
             t.fired += 1
             if publish:
-                log.info("timer_fired", kind=kind, key=key, timer=name, deadline=rfc3339(deadline))
+                log.debug("timer_fired", kind=kind, key=key, timer=name, deadline=rfc3339(deadline))
 
     def _firing_confirmed(self, k: tuple[str, str]) -> Callable[[], None]:
         def done() -> None:
@@ -590,9 +594,5 @@ class Partition:
         await self.snapshots.save_key_filter(self.stored)
 
 
-def _apply_fns() -> dict[str, Callable[..., Any]]:
-    return {kind: mod.apply for kind, mod in actors.ACTORS.items()}
-
-
-_APPLY: Final = _apply_fns()
+_APPLY: Final[dict[str, Callable[..., Any]]] = {kind: mod.apply for kind, mod in actors.ACTORS.items()}
 _NEW: Final = {kind: mod.new for kind, mod in actors.ACTORS.items()}

@@ -17,6 +17,7 @@ from actors import Thresholds
 from contracts import KEY_RE
 from router.engine.partition import Partition
 from router.engine.settings_list import settings_page
+from router.health import Health
 from router.jetstream.parser import Refusal, escape, is_utf8
 from router.jetstream.streams import partition_of
 from snapshots import Store, StoreDamagedError
@@ -46,7 +47,7 @@ async def serve_queries(
     partitions: Sequence[Partition],
     store: Store,
     thresholds: Thresholds,
-    health: Callable[[], dict[str, Any]],
+    health: Callable[[], Health],
     refuse_bad_subjects: Callable[[Any, Refusal], None],
     on_store_damaged: Callable[[StoreDamagedError], None],
     *,

@@ -84,6 +84,7 @@ class Snapshotter:
         self.writing: set[Key] = set()  # in the snapshot being written
         self.since = 0  # events applied since the last snapshot started
         self.last = time.monotonic()  # when the last one started
+        self.caught_up_at = self.last  # when the stored state last held everything applied then
         self.running = False
         self.done = anyio.Event()
         self.done.set()
@@ -112,7 +113,7 @@ class Snapshotter:
         if self.running:
             return None
         if not self.dirty and applied == self.snapshot_seq and effects <= self.marked_effects:
-            self.last = time.monotonic()
+            self.last = self.caught_up_at = time.monotonic()
             return None
         self.running = True
         self.done = anyio.Event()
@@ -199,6 +200,7 @@ class Snapshotter:
             self.snapshot_seq = applied
             self.marked_effects = effects
             self._room_again()
+            self.caught_up_at = started
             if rows:
                 self._log.debug(
                     "snapshot_written",
