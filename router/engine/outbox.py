@@ -64,9 +64,15 @@ class Outbox:
     """Effects out, confirmations in, for one partition."""
 
     def __init__(
-        self, publisher: Publisher, now_us: Callable[[], int], schedule: Schedule, wake: Done, metrics: RouterMetrics
+        self,
+        publisher: Publisher,
+        now_us: Callable[[], int],
+        schedule: Schedule,
+        wake: Done,
+        metrics: RouterMetrics | None = None,
     ) -> None:
         self._publisher = publisher
+        metrics = metrics if metrics is not None else RouterMetrics()
         self._exceptions = metrics.exceptions  # by (kind, rule, status)
         self._dead_letters = metrics.dead_letters  # by (reason,)
         self._now_us = now_us
