@@ -33,6 +33,7 @@ from tests.support.harness import (
     make_config,
     publish_all,
     running_router,
+    settle,
     wait_for,
 )
 from tests.support.procs import health, router_process, settled_exactly_once, wait_healthy, write_config
@@ -106,7 +107,7 @@ async def test_the_router_applies_on_while_the_store_is_full_and_loses_nothing(
 ) -> None:
     url = nats_server.url
     cfg = make_config(url, tmp_path)
-    now_us = time.time_ns() // 1000 + DAY_US
+    now_us = time.time_ns() // 1000
     async with running_router(cfg) as rt:
         await _page_limit(rt.store, 0)
         await publish_all(url, list(workload(seed=31, count=3000, bad_share=0.02, now_us=now_us)))
@@ -122,6 +123,8 @@ async def test_the_router_applies_on_while_the_store_is_full_and_loses_nothing(
         assert h["disk_full"] is True
         assert h["partitions"][0]["disk_full"] is True
         # Applying, publishing and acknowledging go on; only the store lags.
+        await settle(url, cfg, rt)
+        assert p.snapshots.disk_full
         exp = await check_against_fold(url, cfg, rt)
         await check_states(url, exp, sample=200)
         assert (await rt.store.marks(0)).applied_seq == 0
@@ -131,6 +134,7 @@ async def test_the_router_applies_on_while_the_store_is_full_and_loses_nothing(
     # Everything is in the store: a new router holds the same state without the stream's help.
     async with running_router(cfg) as rt:
         assert (await rt.store.marks(0)).applied_seq == rt.partitions[0].applied_seq
+        await settle(url, cfg, rt)
         exp = await check_against_fold(url, cfg, rt)
         await check_states(url, exp, sample=200)
 
