@@ -107,7 +107,11 @@ def frame(draw: st.DrawFn) -> tuple[bytes, tuple[Any, ...] | None]:
     if what == "ok":
         return b"+OK\r\n", None
     if what == "err":
-        text = draw(st.binary(min_size=1, max_size=30).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")))
+        # A server's -ERR always quotes some text: `-ERR ''` is no frame a server sends (and
+        # nats-py's parser rightly calls it an unknown protocol).
+        text = draw(
+            st.binary(min_size=1, max_size=30).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"") or b"x")
+        )
         return b"-ERR '" + text + b"'\r\n", ("err",)
     info = {"server_id": draw(st.text(max_size=10)), "max_payload": 1048576}
     return b"INFO " + json.dumps(info).encode() + b"\r\n", ("info", info)
