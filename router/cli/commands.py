@@ -355,7 +355,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             span = f"for {args.duration:g}s" if args.duration else "until Ctrl-C"
             print(
                 f"simulating a D2C brand's operations at {args.rate:g}/s {span} (seed {args.seed}) on "
-                f"{server}; see the exceptions with `router watch`",
+                f"{server}; watch the exceptions with `router watch` in another terminal",
                 file=sys.stderr,
             )
 
