@@ -135,12 +135,22 @@ class Snapshotter:
 
     async def serve(self) -> None:
         """Write the snapshots `start_in_background` asks for, one at a time, until cancelled."""
-        while True:
-            await self._requested.wait()
-            self._requested = anyio.Event()
+        try:
+            while True:
+                await self._requested.wait()
+                self._requested = anyio.Event()
+                job, self._job = self._job, None
+                if job is not None:
+                    await self.write(*job)
+        finally:
             job, self._job = self._job, None
-            if job is not None:
-                await self.write(*job)
+            if job is not None:  # cancelled before it began: as if never started
+                self.dirty |= job[0]
+                self._timers.snapshot_failed()
+                self._timers.snapshot_ended()
+                self.writing = set()
+                self.running = False
+                self.done.set()
 
     def evict(self, cap: int) -> None:
         """Drop least recently used clean actors down to 90% of `cap` (they reload from SQLite).
