@@ -70,7 +70,10 @@ class Health(msgspec.Struct, kw_only=True):
     uptime_s: float
     unconfirmed_publishes: int
     disk: DiskHealth
-    partitions: list[PartitionHealth]
+    partitions: list[PartitionHealth]  # those this instance runs: none while it stands by
+    instance: str = ""  # this router's id in the ownership records (<data>/instance.id)
+    role: Literal["owner", "standby"] = "owner"  # a standby waits for the owner's leases to lapse
+    owners: dict[str, str] = msgspec.field(default_factory=dict)  # partition -> owner last seen
 
 
 _ENCODER: Final = msgspec.json.Encoder()

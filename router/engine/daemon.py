@@ -21,12 +21,22 @@ from contracts.config import Config, ConfigError, duration_us
 from contracts.secrets import redact
 from router import health as health_model
 from router.engine.deps import PartitionDeps
+from router.engine.ownership import (
+    DataDirBusy,
+    InstanceLock,
+    Lease,
+    OwnAll,
+    Ownership,
+    Timings,
+    is_lease_lost,
+)
 from router.engine.partition import Partition
 from router.engine.queries import serve_queries
 from router.engine.startup import beyond_repair, find, open_store, quarantine
 from router.errors import FatalError
 from router.jetstream import streams
 from router.jetstream.connection import connect_options
+from router.jetstream.ownership import OwnershipBucket, bucket_name
 from router.jetstream.parser import FastParser, Refusal
 from router.jetstream.publisher import Publisher
 from router.metrics import RouterMetrics, Summary
@@ -46,7 +56,9 @@ def wall_clock_us() -> int:
 class Runtime:
     """Everything one router process owns. Build with `Runtime.open(cfg)`, then `serve()`."""
 
-    def __init__(self, cfg: Config, nc: NATS, store: Store, clock: Callable[[], int]) -> None:
+    def __init__(
+        self, cfg: Config, nc: NATS, store: Store, clock: Callable[[], int], holding: OwnAll
+    ) -> None:
         self.cfg = cfg
         self.nc = nc
         self.jsm: JetStreamManager = nc.jsm()
@@ -57,7 +69,7 @@ class Runtime:
         self.snapshot_every_s = duration_us(cfg.snapshots.every) / 1e6
         self.publisher = Publisher(nc)
         self.metrics = RouterMetrics()
-        deps = PartitionDeps(
+        self.deps = PartitionDeps(
             cfg=cfg,
             nc=nc,
             jsm=self.jsm,
@@ -70,7 +82,11 @@ class Runtime:
             snapshot_every_s=self.snapshot_every_s,
             metrics=self.metrics,
         )
-        self.partitions = [Partition(deps, i) for i in range(cfg.router.partitions)]
+        # The partitions this instance runs now: every one while it holds their leases, none
+        # while it stands by (see router.engine.ownership). Changed in place: queries hold it.
+        self.holding = holding
+        self.instance = holding.ownership.instance
+        self.partitions: list[Partition] = []
         self.metrics.registry.add_collector(self._collect)
         self.started_at = time.monotonic()
         self.started_wall = health_model.now_rfc3339()
@@ -78,6 +94,7 @@ class Runtime:
         self._stop = anyio.Event()
         self._damaged: StoreDamagedError | None = None
         self._damage_found = anyio.Event()
+        self._task_status: Any = None
         self.closing = False  # set once the final snapshot is written: the connection closes next
         self.url = ""
 
@@ -114,6 +131,11 @@ class Runtime:
                 from router.jetstream.embedded import embedded_server
 
                 url = await stack.enter_async_context(embedded_server(data_dir, cfg.nats.embedded_port))
+            try:
+                lock = InstanceLock(data_dir)
+            except DataDirBusy as exc:
+                raise FatalError(str(exc)) from None
+            stack.callback(lock.release)
             holder: dict[str, Runtime] = {}
             nc = await _connect(cfg, url, holder)
             stack.push_async_callback(_close_nats, nc)
@@ -122,9 +144,21 @@ class Runtime:
                 infos = await streams.ensure_streams(jsm, cfg)
             except streams.StreamSetupError as exc:
                 raise FatalError(str(exc)) from None
+            timings = Timings.from_config(cfg)
+            _check_duplicate_window(cfg, timings)
+            try:
+                bucket = await OwnershipBucket.open(
+                    nc, bucket_name(cfg.router.consumer), replicas=cfg.streams.replicas,
+                    io_timeout=timings.io_timeout_s,
+                )
+            except Exception as exc:
+                raise FatalError(
+                    f"cannot open the ownership bucket KV {bucket_name(cfg.router.consumer)}: {exc!r}"
+                ) from None
             store = await open_store(cfg, infos[cfg.streams.events], rebuilding=rebuilding)
             stack.push_async_callback(store.close)
-            rt = cls(cfg, nc, store, clock)
+            holding = OwnAll(Ownership(bucket, lock.instance, timings), cfg.router.partitions)
+            rt = cls(cfg, nc, store, clock, holding)
             rt.url = url
             holder["rt"] = rt
             yield rt
@@ -159,62 +193,117 @@ class Runtime:
         # keep it out of every later full collection, which would otherwise walk it each time.
         gc.collect()
         gc.freeze()
-        for p in self.partitions:
-            await p.prepare()
+        self._task_status = task_status
         async with anyio.create_task_group() as tg:
             await tg.start(self.publisher.serve, self.raw_path)
             await tg.start(
                 serve_queries, self.nc, self.partitions, self.store, self.thresholds, self.health,
-                self.refuse_bad_subjects, self.store_damaged,
+                self.refuse_bad_subjects, self.store_damaged, self.holding.owns, self.instance,
             )
             tg.start_soon(self._raise_damage)
+            self.status = "ok"
+            tg.start_soon(self._health_file_loop)
+            tg.start_soon(self._summary_loop)
+            log.info(
+                "router_started",
+                url=redact(self.url),
+                partitions=cfg.router.partitions,
+                snapshots=str(cfg.snapshot_path),
+                instance=self.instance,
+            )
+            await self.holding.serve(self._own, self._stop)
+            self.closing = True  # the connection closes next
+            self.status = "stopped"
+            self._write_health()  # last: no reader may take an earlier report for a running router
+            tg.cancel_scope.cancel()
+
+    def owns(self, partition: int) -> bool:
+        return self.holding.owns(partition)
+
+    async def _own(self, leases: list[Lease], lost: anyio.Event) -> bool:
+        """Run every partition under its lease: until a stop (graceful; True), or until a lease is
+        lost (the partitions are abandoned unsnapshotted and unacknowledged; False)."""
+        self.partitions[:] = [_fenced(Partition(self.deps, i), lease) for i, lease in enumerate(leases)]
+        fenced = False
+        try:
+            for p in self.partitions:
+                await p.prepare()
+            fenced = not await self._run_partitions(leases, lost)
+        except Exception as exc:
+            if not is_lease_lost(exc):
+                raise
+            fenced = True
+        finally:
+            if fenced:
+                for p in self.partitions:
+                    log.warning(
+                        "partition_fenced", partition=p.index, epoch=leases[p.index].epoch, applied_seq=p.applied_seq,
+                        queued=len(p._inq), unconfirmed=len(p.outbox.inflight),
+                        action="nothing more is sent or written for it; standing by",
+                    )
+                self.partitions.clear()
+        if not fenced:
+            self.partitions.clear()
+        return not fenced
+
+    async def _run_partitions(self, leases: list[Lease], lost: anyio.Event) -> bool:
+        """Run the prepared partitions until a stop (stop them gracefully: True) or a lost lease (False)."""
+        cfg = self.cfg
+        # No `return` inside the task groups below: leaving a scope that was cancelled from
+        # within turns the return into a cancellation, which the scope then swallows.
+        abandoned = False
+        async with anyio.create_task_group() as tg:
             async with anyio.create_task_group() as parts:
                 for p in self.partitions:
                     await parts.start(p.run)
-                self.status = "ok"
-                tg.start_soon(self._health_file_loop)
-                tg.start_soon(self._summary_loop)
-                log.info(
-                    "router_started",
-                    url=redact(self.url),
-                    partitions=len(self.partitions),
-                    snapshots=str(cfg.snapshot_path),
-                )
-                task_status.started()
-                await self._stop.wait()
-                log.info("router_stopping")
-                self.status = "stopping"
-                timeout = duration_us(cfg.router.shutdown_timeout) / 1e6
-                # Every step below shares this deadline, leaving CLOSE_S to close the connection.
-                stop_by = anyio.current_time() + max(timeout - CLOSE_S, 0.5)
-                for p in self.partitions:
-                    await p.stop()
-                # The partition loops return once their received messages are applied.
-                with anyio.move_on_after(timeout * 0.5) as scope:
-                    for p in self.partitions:
-                        await p.finished.wait()
-                if scope.cancelled_caught:
-                    log.warning("stop_timeout_draining", seconds=timeout * 0.5)
+                log.info("partitions_running", partitions=[p.index for p in self.partitions],
+                         epochs=[lease.epoch for lease in leases])
+                if self._task_status is not None:
+                    self._task_status.started()
+                    self._task_status = None
+                with anyio.CancelScope() as waiting:
+                    tg.start_soon(_set_when, waiting, lost)
+                    await self._stop.wait()
+                    waiting.cancel()
+                if lost.is_set():
+                    abandoned = True
                     parts.cancel_scope.cancel()
-            with anyio.CancelScope(shield=True):
-                if not await self.publisher.wait_idle((stop_by - anyio.current_time()) * 0.5):
-                    log.warning("stop_with_unconfirmed_effects", outstanding=self.publisher.outstanding)
-                # A snapshot waits for the effects of what it holds; without them it is not written
-                # (the next start applies those events again and publishes what is missing).
-                with anyio.move_on_after(max(stop_by - anyio.current_time(), 0.2)) as snap:
+                else:
+                    log.info("router_stopping")
+                    self.status = "stopping"
+                    timeout = duration_us(cfg.router.shutdown_timeout) / 1e6
+                    # Every step below shares this deadline, leaving CLOSE_S to close the connection.
+                    stop_by = anyio.current_time() + max(timeout - CLOSE_S, 0.5)
                     for p in self.partitions:
-                        await p.final_snapshot()
-                if snap.cancelled_caught:
-                    log.warning("stop_without_final_snapshot", reason="effects not confirmed in time")
-                self.closing = True
-                self.status = "stopped"
-                self._write_health()  # last: no reader may take an earlier report for a running router
-                log.info(
-                    "router_stopped",
-                    applied_seq=[p.applied_seq for p in self.partitions],
-                    processed=sum(p.processed for p in self.partitions),
-                )
+                        await p.stop()
+                    # The partition loops return once their received messages are applied.
+                    with anyio.move_on_after(timeout * 0.5) as scope:
+                        for p in self.partitions:
+                            await p.finished.wait()
+                    if scope.cancelled_caught:
+                        log.warning("stop_timeout_draining", seconds=timeout * 0.5)
+                        parts.cancel_scope.cancel()
+            if not abandoned:
+                with anyio.CancelScope(shield=True):
+                    await self._final_snapshots(stop_by)
             tg.cancel_scope.cancel()
+        return not abandoned
+
+    async def _final_snapshots(self, stop_by: float) -> None:
+        if not await self.publisher.wait_idle((stop_by - anyio.current_time()) * 0.5):
+            log.warning("stop_with_unconfirmed_effects", outstanding=self.publisher.outstanding)
+        # A snapshot waits for the effects of what it holds; without them it is not written
+        # (the next start applies those events again and publishes what is missing).
+        with anyio.move_on_after(max(stop_by - anyio.current_time(), 0.2)) as snap:
+            for p in self.partitions:
+                await p.final_snapshot()
+        if snap.cancelled_caught:
+            log.warning("stop_without_final_snapshot", reason="effects not confirmed in time")
+        log.info(
+            "router_stopped",
+            applied_seq=[p.applied_seq for p in self.partitions],
+            processed=sum(p.processed for p in self.partitions),
+        )
 
     def _collect(self) -> None:
         """The gauges read rather than tracked (see router.metrics.Registry.add_collector)."""
@@ -257,7 +346,8 @@ class Runtime:
             disk_full=disk_full,
             connected=connected,
             nats="connected" if connected else ("reconnecting" if nc.is_reconnecting else "closed"),
-            ready=connected and status in ("ok", "disk_full") and all(p.caught_up for p in parts),
+            ready=connected and status in ("ok", "disk_full") and all(p.caught_up for p in parts)
+            and self.holding.role == "owner",
             pid=os.getpid(),
             started_at=self.started_wall,
             updated_at=health_model.now_rfc3339(),
@@ -266,6 +356,9 @@ class Runtime:
             unconfirmed_publishes=self.publisher.outstanding,
             disk=health_model.disk_health(self.cfg.data_dir),
             partitions=parts,
+            instance=self.instance,
+            role=self.holding.role,
+            owners={str(p): o for p, o in sorted(self.holding.ownership.owners.items())},
         )
 
     def _write_health(self) -> None:
@@ -289,6 +382,30 @@ class Runtime:
         while True:
             await anyio.sleep(every)
             log.info("router_summary", **summary.fields())
+
+
+async def _set_when(scope: anyio.CancelScope, event: anyio.Event) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+def _check_duplicate_window(cfg: Config, timings: Timings) -> None:
+    """An owner that lost its lease may still have publishes on the wire; the stream drops them as
+    duplicates of the new owner's only within its duplicate window."""
+    window = duration_us(cfg.streams.duplicate_window) / 1e6
+    if window < 3 * timings.lease_s:
+        log.warning(
+            "duplicate_window_short", duplicate_window_s=window, lease_s=timings.lease_s,
+            advice="[streams] duplicate_window should be at least three leases (it covers a takeover's overlap)",
+        )
+
+
+def _fenced(p: Partition, lease: Lease) -> Partition:
+    """`p` under `lease`: every pull, ack, consumer change, publish and store write checks it first."""
+    p.pulls.fence = lease.check
+    p.outbox.fence = lease.valid
+    p.snapshots.fence = lease.check
+    return p
 
 
 async def _connect(cfg: Config, url: str, holder: dict[str, Runtime]) -> NATS:

@@ -24,6 +24,7 @@ from contracts.events import encode_event
 from contracts.exceptions import ExceptionEvent, dead_letter_id, exception_id, exception_subject, message_id
 from contracts.rules import SEVERITY
 from contracts.times import rfc3339
+from router.engine.ownership import LeaseLost
 from router.jetstream.publisher import Fence, Publisher
 from router.jetstream.recovery import StoredEffects
 from router.metrics import RouterMetrics
@@ -235,5 +236,7 @@ class Outbox:
             done = self._done_cb(entry)
         if self.fence is None:
             await self._publisher.publish(subject, payload, headers, done)
-        else:
+        elif self.fence():
             await self._publisher.publish(subject, payload, headers, done, fence=self.fence)
+        else:
+            raise LeaseLost("the partition's lease ended: nothing more is published for it")

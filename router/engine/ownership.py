@@ -66,6 +66,15 @@ class LeaseLost(Exception):
     """The partition's lease is no longer ours (or may not be): send and write nothing more for it."""
 
 
+def is_lease_lost(exc: BaseException) -> bool:
+    """`exc` is LeaseLost, or a group of nothing else (as a task group raises it)."""
+    if isinstance(exc, LeaseLost):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return all(is_lease_lost(e) for e in exc.exceptions)
+    return False
+
+
 class DataDirBusy(Exception):
     """Another live router uses this data folder."""
 
@@ -266,15 +275,19 @@ class Ownership:
 
     def _lost(self, lease: Lease, reason: str) -> str:
         lease.lost = lease.lost or reason
-        log.warning(
-            "ownership_lost", partition=lease.partition, epoch=lease.epoch, reason=reason,
-            owner=self.owners.get(lease.partition),
-        )
+        taken_by = self.owners.get(lease.partition) if reason == "taken" else None
+        log.warning("ownership_lost", partition=lease.partition, epoch=lease.epoch, reason=reason, taken_by=taken_by)
         return reason
 
     async def release(self, lease: Lease) -> bool:
-        """Hand the partition over now (after its last snapshot): a standby takes it without waiting."""
+        """Hand the partition over now (after its last snapshot): a standby takes it without waiting.
+
+        Not while NATS is away (a stop must not wait for it): the lease then lapses as after a crash.
+        """
         if not lease.valid():
+            return False
+        if not self.bucket.connected:
+            log.warning("ownership_not_released", partition=lease.partition, reason="NATS unavailable")
             return False
         record = OwnerRecord(
             owner=self.instance, epoch=lease.epoch, state="released", renewal=lease.record.renewal + 1,
@@ -400,9 +413,9 @@ class InstanceLock:
 def _instance_id(path: Path) -> str:
     with contextlib.suppress(OSError):
         text = path.read_text().strip()
-        if re.fullmatch(r"[A-Za-z0-9_.-]{1,80}", text):
+        if re.fullmatch(r"[A-Za-z0-9_-]{1,80}", text):
             return text
-    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:48] or "host"
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:48] or "host"
     ident = f"{host}-{secrets.token_hex(4)}"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(ident + "\n")

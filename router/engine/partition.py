@@ -133,6 +133,7 @@ class Partition:
         first, last = check_marks(self.index, applied, info, self.cfg)
         floor, delivered = await streams.consumer_marks(d.jsm, self.cfg, self.index)
         effects = min(max(effects, floor), last)
+        self.pulls.fence()  # (its lease: raises once this instance may not own the partition)
         if effects > applied:
             # Record it before the consumer (and its ack floor) is recreated.
             await d.store.write_effects_mark(self.index, effects)
@@ -148,6 +149,7 @@ class Partition:
         self.effects_seq = self.suppress_through = effects
         self._received_through = applied
         self.meter.start(max(0, last - applied))
+        self.pulls.fence()
         await streams.position_consumer(d.jsm, self.cfg, self.index, applied + 1)
         await self.snapshots.restore_key_filter(self.stored)
         self.timers.recovering_until_us = d.now_us()
@@ -268,6 +270,7 @@ class Partition:
         return max(wait, 0.001)
 
     async def _do_reposition(self) -> None:
+        self.pulls.fence()
         self._reposition = False
         self.pulls.clear()
         # The new consumer's ack floor is start - 1, and a restart trusts that floor: start
@@ -301,6 +304,7 @@ class Partition:
         if self._fenced:  # the connection was lost: wait for the consumer to be recreated
             self._inq.clear()
             return
+        self.pulls.fence()
         inq = self._inq
         resident = self.resident
         subjects = self._subjects
@@ -334,7 +338,7 @@ class Partition:
             seq = int(tokens[5] if short else tokens[7])
             if seq <= received:
                 if seq <= self.acked_seq:
-                    await self.d.nc.publish(reply.decode(), b"+ACK")
+                    await self.pulls.ack(self.d.nc, reply)
                 continue
             received = seq
             if (tokens[8] if short else tokens[10]) == b"0":
@@ -493,10 +497,7 @@ class Partition:
             return
         self.effects_seq = max(self.effects_seq, seq)
         self.acked_seq = seq
-        try:
-            await self.d.nc.publish(reply.decode(), b"+ACK")
-        except Exception as exc:  # disconnected: the next ack covers it (AckAll)
-            self._log.debug("ack_deferred", error=repr(exc))
+        await self.pulls.ack(self.d.nc, reply)
 
     # ------------------------------------------------------------------ timers
 

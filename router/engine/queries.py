@@ -50,10 +50,17 @@ async def serve_queries(
     health: Callable[[], Health],
     refuse_bad_subjects: Callable[[Any, Refusal], None],
     on_store_damaged: Callable[[StoreDamagedError], None],
+    owns: Callable[[int], bool],
+    instance: str,
     *,
     task_status: Any = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Answer `router.state.<kind>.<key>` and `router.health` until cancelled.
+
+    Only the owner of a key's partition (`owns`) answers for it (the owner of partition 0 for a
+    malformed subject and for `router.settings.list`), so a standby stays silent and a request
+    gets one reply. `router.health` is answered by the owner of partition 0,
+    `router.health.<instance>` always.
 
     `refuse_bad_subjects(sub, refusal)` hands a subscription's requests whose subject is not
     valid UTF-8 to `refusal` (see router.jetstream.parser). A store found damaged while
@@ -63,7 +70,10 @@ async def serve_queries(
         if not msg.reply:
             return
         tokens = msg.subject.split(".")
-        if len(tokens) != 4 or tokens[2] not in actors.ACTORS or KEY_RE.match(tokens[3]) is None:
+        valid = len(tokens) == 4 and tokens[2] in actors.ACTORS and KEY_RE.match(tokens[3]) is not None
+        if not owns(partition_of(tokens[3], len(partitions)) if valid else 0):
+            return
+        if not valid:
             body: dict[str, Any] = {
                 "error": f"expected router.state.<sku|shipment|campaign>.<key>, got {msg.subject!r}"
             }
@@ -80,7 +90,7 @@ async def serve_queries(
 
     async def refuse(subject: bytes, reply: bytes) -> bool:
         """A request whose subject is not valid UTF-8: answered with an error when its reply subject is."""
-        if not reply or not is_utf8(reply):
+        if not reply or not is_utf8(reply) or not owns(0):
             return False
         body = {
             "error": f"expected router.state.<sku|shipment|campaign>.<key>, got '{escape(subject)}'"
@@ -90,12 +100,12 @@ async def serve_queries(
         return True
 
     async def on_health(msg: Msg) -> None:
-        if msg.reply:
+        if msg.reply and (msg.subject != "router.health" or owns(0)):
             with contextlib.suppress(Exception):
                 await nc.publish(msg.reply, _ENC.encode(health()))
 
     async def on_settings_list(msg: Msg) -> None:
-        if not msg.reply:
+        if not msg.reply or not owns(0):
             return
         try:
             body = await settings_page(partitions, store, msg.data)
@@ -108,6 +118,7 @@ async def serve_queries(
     subs = [
         await nc.subscribe("router.state.>", cb=on_state),
         await nc.subscribe("router.health", cb=on_health),
+        await nc.subscribe(f"router.health.{instance}", cb=on_health),
         await nc.subscribe("router.settings.list", cb=on_settings_list),
     ]
     refuse_bad_subjects(subs[0], refuse)

@@ -76,8 +76,9 @@ def record_key(partition: int) -> str:
 class OwnershipBucket:
     """Read and compare-and-set the ownership records; every call bounded by `timeout` seconds."""
 
-    def __init__(self, kv: KeyValue, name: str, timeout: float) -> None:
+    def __init__(self, kv: KeyValue, name: str, timeout: float, nc: NATS | None = None) -> None:
         self.kv = kv
+        self._nc = nc
         self.name = name
         self.timeout = timeout
 
@@ -103,8 +104,12 @@ class OwnershipBucket:
                     if attempt == 2:
                         raise
                     continue  # created by another instance meanwhile: bind to it
-            return cls(kv, name, io_timeout)
+            return cls(kv, name, io_timeout, nc)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is None or bool(self._nc.is_connected)
 
     async def read(self, partition: int) -> Held | None:
         """The partition's record and its revision; None when there is none."""

@@ -15,6 +15,7 @@ reads the tokens inline; `reply_seq`, `reply_ts_ns` and `reply_pending` say the 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import structlog
@@ -58,12 +59,16 @@ class PullRequests:
         self.sent: dict[str, int] = {}  # request -> when it was sent (the clock's microseconds)
         self._next = 0
         self.last_heard = time.monotonic()
+        # Called before every pull request and ack: raises when the partition may no longer
+        # use the consumer (its lease ended; see router.engine.ownership).
+        self.fence: Callable[[], None] = _unfenced
 
     def __len__(self) -> int:
         return len(self.requests)
 
     async def send(self, nc: Any, batch: int, now_us: int) -> bool:
         """Ask for `batch` more messages; False (and nothing outstanding) when the publish failed."""
+        self.fence()
         self._next += 1
         rid = f"{self.inbox}.{self._next}"
         self.requests[rid] = batch
@@ -80,6 +85,14 @@ class PullRequests:
             self._log.warning("pull_failed", error=repr(exc))
             return False
         return True
+
+    async def ack(self, nc: Any, reply: bytes) -> None:
+        """Acknowledge (AckAll) through the message of ack subject `reply`; a failure is left to the next ack."""
+        self.fence()
+        try:
+            await nc.publish(reply.decode(), b"+ACK")
+        except Exception as exc:  # disconnected: the next ack covers it (AckAll)
+            self._log.debug("ack_deferred", error=repr(exc))
 
     def account(self, delivered: int) -> None:
         """Count delivered messages against the requests, oldest first."""
@@ -133,3 +146,7 @@ class PullRequests:
 
     def clear(self) -> None:
         self.requests.clear()
+
+
+def _unfenced() -> None:
+    """The fence of requests made without a lease (tests, tools)."""

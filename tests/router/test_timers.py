@@ -441,11 +441,13 @@ async def test_the_stored_firing_is_the_state_right_after_it(
     async with ExceptionsTail(url) as tail, running_router(cfg, clock) as rt:
         publish = rt.publisher.publish
 
-        async def late_pubacks(subject: str, payload: bytes, headers: dict[str, str], done: Any) -> None:
+        async def late_pubacks(
+            subject: str, payload: bytes, headers: dict[str, str], done: Any, **kw: Any
+        ) -> None:
             if done is not None and ":raised:t" in headers.get("Nats-Msg-Id", ""):
                 held.append(done)
                 done = None
-            await publish(subject, payload, headers, done)
+            await publish(subject, payload, headers, done, **kw)
 
         monkeypatch.setattr(rt.publisher, "publish", late_pubacks)
         await publish_all(url, [booked("Y", v0, v0 + 9 * H), ship("Y", "picked_up", v0)])
