@@ -637,8 +637,9 @@ def host(cfg_path: str, marks: list[int], trace_stalls_ms: float = 0) -> int:
     serve = Runtime.serve
 
     async def instrumented(rt: Any, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
-        p = rt.partitions[0]
-        watch = _Watch(p, marks)
+        # The partition exists once the router holds its lease: serve's start says so.
+        p: Any = None
+        watch: Any = None
         served = anyio.Event()
         t_stop = 0.0
 
@@ -687,11 +688,13 @@ def host(cfg_path: str, marks: list[int], trace_stalls_ms: float = 0) -> int:
                     emit(error=f"unknown command {op!r}")
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(watch.run)
             if trace_stalls_ms:
                 tg.start_soon(StallTracer(trace_stalls_ms).ticker)
             t0 = time.monotonic()
             await tg.start(run_serve)
+            p = rt.partitions[0]
+            watch = _Watch(p, marks)
+            tg.start_soon(watch.run)
             task_status.started()
             # CPU counted from here, as the rates are: start-up (store, key filter, consumer) is apart.
             emit(event="serving", t0=t0, t=time.monotonic(), cpu=time.process_time(),
