@@ -8,6 +8,7 @@ from typing import Any, Final
 import msgspec
 
 from contracts.events import DECODERS, EVENT_TYPES, KEY_RE, KINDS
+from contracts.times import skew_text
 
 BAD_SUBJECT: Final = "bad_subject"
 MALFORMED: Final = "malformed"
@@ -195,3 +196,12 @@ def decode_event(subject: str, data: bytes) -> tuple[str, str, Any]:
     """(kind, key, event) of one stored message, or DecodeError."""
     kind, key = parse_subject(subject)
     return kind, key, decode_payload(kind, data)
+
+
+def future_ts(ts_us: int, stream_us: int, max_skew_us: int) -> str | None:
+    """The `invalid` detail for an event time more than `max_skew_us` ahead of the event's
+    JetStream timestamp (CONTRACT section 2, `[rules] max_future_skew`), else None."""
+    ahead = ts_us - stream_us
+    if ahead > max_skew_us:
+        return f"`$.ts` is {skew_text(ahead)} ahead of the stream time"
+    return None

@@ -27,12 +27,15 @@ import structlog
 
 import actors
 from actors import Alert, Send, SetTimer
+from contracts.config import duration_us
 from contracts.decode import (
     ACTOR_ERROR,
+    INVALID,
     MAX_DEPTH,
     DecodeError,
     Rejected,
     decode_payload,
+    future_ts,
     read_subject,
 )
 from contracts.events import DECODERS
@@ -82,6 +85,11 @@ class Partition:
         self.acked_seq = 0
         self._received_through = 0  # every message <= it was received (applied or queued)
         self.stream_ts_ns = 0  # JetStream time of the last applied message
+        # The future-ts guard (CONTRACT section 2). A ts at or below `_future_bound` (the stream
+        # time of the last event checked, plus the skew) is within the skew of its own stream
+        # time, which is no earlier (stream times only grow along the stream): one comparison.
+        self._max_skew_us = duration_us(cfg.rules.max_future_skew)
+        self._future_bound = 0
         self.last_reply = b""  # ack subject of the last applied message
         # Move actors to the LRU end only once the resident set nears its cap.
         self._lru_from = int(self.cap * 0.8)
@@ -317,6 +325,7 @@ class Partition:
         schedule = self.timers.schedule
         received = self._received_through
         applied, last_reply = self.applied_seq, self.last_reply
+        max_skew, future_bound = self._max_skew_us, self._future_bound
         lru = len(resident) >= self._lru_from
         delivered = tally = 0  # tally: events applied, one weight per kind (see router.engine.meter)
         caught_up_reply = b""
@@ -362,6 +371,19 @@ class Partition:
             except (msgspec.DecodeError, UnicodeDecodeError, DecodeError, RecursionError):
                 await self._rare(seq, reply, prev_seq, prev_reply, parsed, data, None, None, None, 0)
                 continue
+            ts = event.ts
+            if ts is None:
+                ts_us = (reply_ts_ns(reply) + 500) // 1000
+            else:
+                ts_us = to_us(ts)
+                if ts_us > future_bound:  # perhaps too far ahead of its stream time: check exactly
+                    stream_us = (reply_ts_ns(reply) + 500) // 1000
+                    detail = future_ts(ts_us, stream_us, max_skew)
+                    if detail is not None:
+                        rejected = Rejected(parsed[0], INVALID, detail)
+                        await self._rare(seq, reply, prev_seq, prev_reply, rejected, data, None, None, None, 0)
+                        continue
+                    future_bound = stream_us + max_skew
             k = parsed[3]
             state = resident.get(k)
             if state is None:
@@ -375,8 +397,6 @@ class Partition:
                 resident.move_to_end(k)
             if state.seq >= seq:
                 continue  # already applied before a restart (the stored state is ahead)
-            ts = event.ts
-            ts_us = to_us(ts) if ts is not None else (reply_ts_ns(reply) + 500) // 1000
             try:
                 effects = apply_fns[kind](state, event, ts_us, th)
             except Exception as exc:  # a defect in an actor: report it, keep the partition going
@@ -395,6 +415,7 @@ class Partition:
                         if eff.deadline_us is not None:
                             schedule(eff.deadline_us, kind, parsed[2], eff.name)
         self._received_through = received
+        self._future_bound = future_bound
         if applied > self.applied_seq:
             ts_ns = reply_ts_ns(last_reply)
             if ts_ns > self.stream_ts_ns:

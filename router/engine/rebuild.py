@@ -24,8 +24,8 @@ from nats.aio.client import Client as NATS
 
 import actors
 from actors import Thresholds
-from contracts.config import Config
-from contracts.decode import DecodeError, decode_event
+from contracts.config import Config, duration_us
+from contracts.decode import DecodeError, decode_event, future_ts
 from contracts.times import ns_to_us, to_us
 from router.errors import FatalError
 from router.jetstream.recovery import direct_batches, timestamp_ns
@@ -88,6 +88,7 @@ async def _fold(store: Store, nc: NATS, cfg: Config, th: Thresholds, kind: str, 
     start = state.seq + 1
     if start >= upto:
         return state
+    max_skew = duration_us(cfg.rules.max_future_skew)
     request = {"seq": start, "next_by_subj": stored_subject_filter(f"events.{kind}.{key}", cfg.router.partitions)}
     async with aclosing(direct_batches(nc, cfg.streams.events, request, upto - 1)) as messages:
         async for m in messages:
@@ -97,7 +98,10 @@ async def _fold(store: Store, nc: NATS, cfg: Config, th: Thresholds, kind: str, 
                 _kind, _key, event = decode_event(hdr["Nats-Subject"], bytes(m.data or b""))
             except DecodeError:
                 continue  # dead-lettered the first time too
-            ts_us = to_us(event.ts) if event.ts is not None else ns_to_us(timestamp_ns(hdr["Nats-Time-Stamp"]))
+            stream_us = ns_to_us(timestamp_ns(hdr["Nats-Time-Stamp"]))
+            ts_us = to_us(event.ts) if event.ts is not None else stream_us
+            if future_ts(ts_us, stream_us, max_skew) is not None:
+                continue  # a ts from the future: dead-lettered the first time too
             backup = actors.encode_state(state)
             try:
                 state, _effects = actors.step(kind, state, key, seq, event, ts_us, th)
