@@ -31,6 +31,7 @@ from router.workload.catalog import (
     Payload,
     sku_keys,
 )
+from router.workload.settings import bad_settings_or_future, settings_event
 
 _ENCODE: Final = msgspec.json.Encoder().encode
 
@@ -241,6 +242,8 @@ class Day:
             return self.counted(t)
         elif r < 26:
             return self.adjusted(t)
+        elif r < 26.3:
+            return settings_event(self, t)
         return self.order(t)
 
     # --- sku -------------------------------------------------------------------------
@@ -564,7 +567,9 @@ class Day:
         loc = rng.choice(list(self.stock[key]))
         ts = rfc3339(t)
         sku = f"events.sku.{key}"
-        choice = rng.randrange(10)
+        choice = rng.randrange(12)
+        if choice >= 10:  # a wrong settings event, or a ts weeks ahead
+            return bad_settings_or_future(self, t, key, loc)
         if choice == 0:  # truncated JSON
             return sku, f'{{"type":"ordered","ts":"{ts}","location":"{loc}","qty":2'.encode()
         if choice == 1:  # not JSON at all
