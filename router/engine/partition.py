@@ -27,15 +27,12 @@ import structlog
 
 import actors
 from actors import Alert, Send, SetTimer
-from contracts.config import duration_us
 from contracts.decode import (
     ACTOR_ERROR,
-    INVALID,
     MAX_DEPTH,
     DecodeError,
     Rejected,
     decode_payload,
-    future_ts,
     read_subject,
 )
 from contracts.events import DECODERS
@@ -46,6 +43,7 @@ from router.engine.keyfilter import KeyFilter
 from router.engine.meter import CountedSubject, PartitionMeter, counted
 from router.engine.outbox import Outbox, alert_ids
 from router.engine.rebuild import rebuild_state
+from router.engine.skew import FutureGuard
 from router.engine.snapshotter import Snapshotter, record
 from router.engine.startup import check_marks
 from router.engine.timers import Timers
@@ -85,11 +83,7 @@ class Partition:
         self.acked_seq = 0
         self._received_through = 0  # every message <= it was received (applied or queued)
         self.stream_ts_ns = 0  # JetStream time of the last applied message
-        # The future-ts guard (CONTRACT section 2). A ts at or below `_future_bound` (the stream
-        # time of the last event checked, plus the skew) is within the skew of its own stream
-        # time, which is no earlier (stream times only grow along the stream): one comparison.
-        self._max_skew_us = duration_us(cfg.rules.max_future_skew)
-        self._future_bound = 0
+        self.future = FutureGuard(cfg.rules.max_future_skew)  # a ts from the future is invalid
         self.last_reply = b""  # ack subject of the last applied message
         # Move actors to the LRU end only once the resident set nears its cap.
         self._lru_from = int(self.cap * 0.8)
@@ -109,14 +103,8 @@ class Partition:
         self.meter = PartitionMeter(deps.metrics, index)
         self.outbox = Outbox(deps.publisher, deps.now_us, self.timers.schedule, self._set_wake, deps.metrics)
         self.snapshots = Snapshotter(
-            deps.store,
-            index,
-            self.resident,
-            cfg.snapshots.every_events,
-            deps.snapshot_every_s,
-            self.outbox,
-            self.timers,
-            self._set_wake,
+            deps.store, index, self.resident, cfg.snapshots.every_events, deps.snapshot_every_s,
+            self.outbox, self.timers, self._set_wake,
         )
         self.processed = 0
         self.ready = anyio.Event()
@@ -324,8 +312,7 @@ class Partition:
         new_state = _NEW
         schedule = self.timers.schedule
         received = self._received_through
-        applied, last_reply = self.applied_seq, self.last_reply
-        max_skew, future_bound = self._max_skew_us, self._future_bound
+        applied, last_reply, future, future_bound = self.applied_seq, self.last_reply, self.future, self.future.bound
         lru = len(resident) >= self._lru_from
         delivered = tally = 0  # tally: events applied, one weight per kind (see router.engine.meter)
         caught_up_reply = b""
@@ -372,18 +359,12 @@ class Partition:
                 await self._rare(seq, reply, prev_seq, prev_reply, parsed, data, None, None, None, 0)
                 continue
             ts = event.ts
-            if ts is None:
-                ts_us = (reply_ts_ns(reply) + 500) // 1000
-            else:
-                ts_us = to_us(ts)
-                if ts_us > future_bound:  # perhaps too far ahead of its stream time: check exactly
-                    stream_us = (reply_ts_ns(reply) + 500) // 1000
-                    detail = future_ts(ts_us, stream_us, max_skew)
-                    if detail is not None:
-                        rejected = Rejected(parsed[0], INVALID, detail)
-                        await self._rare(seq, reply, prev_seq, prev_reply, rejected, data, None, None, None, 0)
-                        continue
-                    future_bound = stream_us + max_skew
+            ts_us = to_us(ts) if ts is not None else (reply_ts_ns(reply) + 500) // 1000
+            if ts_us > future_bound and ts is not None:  # perhaps too far ahead: the exact check
+                if (rejected := future.check(ts_us, reply, parsed[0])) is not None:
+                    await self._rare(seq, reply, prev_seq, prev_reply, rejected, data, None, None, None, 0)
+                    continue
+                future_bound = future.bound
             k = parsed[3]
             state = resident.get(k)
             if state is None:
@@ -415,7 +396,6 @@ class Partition:
                         if eff.deadline_us is not None:
                             schedule(eff.deadline_us, kind, parsed[2], eff.name)
         self._received_through = received
-        self._future_bound = future_bound
         if applied > self.applied_seq:
             ts_ns = reply_ts_ns(last_reply)
             if ts_ns > self.stream_ts_ns:

@@ -8,12 +8,24 @@ runs days ahead. All drawn from the day's own random generator: the same seed, t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+import random
+from typing import Any, Final, Protocol
 
 from router.workload.catalog import SEC, Item
 
-if TYPE_CHECKING:
-    from router.workload.day import Day
+
+class Day(Protocol):
+    """What is used here of `router.workload.day.Day` (which imports this module)."""
+
+    rng: random.Random
+    stock: dict[str, dict[str, Any]]
+    undelivered: dict[str, Any]
+    active_campaigns: list[str]
+    campaigns: dict[str, Any]
+
+    def popular_sku(self) -> str: ...
+
+    def emit(self, kind: str, key: str, t: int, etype: str, **fields: Any) -> Item: ...
 
 # Far beyond any sensible `[rules] max_future_skew`: always dead-lettered `invalid`.
 FUTURE_US: Final = 30 * 86_400 * SEC
