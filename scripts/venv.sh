@@ -22,7 +22,12 @@ locked_venv() {
     rm -rf .venv
     "${PYTHON:-python3}" -m venv .venv
   fi
-  if _stamp_ok "$set" || { [ "$set" = run ] && _stamp_ok test; }; then
+  # A venv that once held the test set keeps it: scripts/run or scripts/bench after
+  # scripts/test must not take the test tools away when a lock changed.
+  if [ "$set" = run ] && [ -f .venv/.locked-test ]; then
+    set=test
+  fi
+  if _stamp_ok "$set"; then
     return 0
   fi
   echo "Installing requirements/$set.lock and ops-router into ./.venv ..." >&2
