@@ -255,6 +255,13 @@ class Store:
         async with self._transaction("save_blob") as db:
             await db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))
 
+    async def read_blob(self, name: str) -> bytes | None:
+        """The value saved under `name`, left in place; None when there is none."""
+        async with self._reading("read_blob") as db:
+            rows = list(await db.execute_fetchall("SELECT value FROM meta WHERE name = ?", (name,)))
+        value = rows[0][0] if rows else None
+        return bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else None
+
     async def take_blob(self, name: str) -> bytes | None:
         """Read and delete the value saved under `name`, in one transaction: it is used once."""
         async with self._transaction("take_blob") as db:

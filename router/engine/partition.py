@@ -45,7 +45,7 @@ from router.engine.outbox import Outbox, alert_ids
 from router.engine.rebuild import rebuild_state
 from router.engine.skew import FutureGuard
 from router.engine.snapshotter import Snapshotter, record
-from router.engine.startup import check_marks
+from router.engine.startup import check_marks, delivered_through
 from router.engine.timers import Timers
 from router.jetstream import streams
 from router.jetstream.pull import PULL_EXPIRES_NS, PullRequests, reply_ts_ns
@@ -133,7 +133,7 @@ class Partition:
         if effects > applied:
             # Record it before the consumer (and its ack floor) is recreated.
             await d.store.write_effects_mark(self.index, effects)
-        delivered = min(delivered, last)
+        delivered = min(await delivered_through(d.store, self.index, delivered), last)
         if delivered > effects:
             # Received by the last run but not acknowledged: some effects may be stored already.
             stored = await StoredEffects.load(d.nc, self.cfg, effects, delivered, last)

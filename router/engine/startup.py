@@ -24,6 +24,23 @@ from snapshots import Store, StoreDamagedError
 log = structlog.get_logger()
 
 
+async def delivered_through(store: Store, index: int, delivered: int) -> int:
+    """The highest stream sequence any run of partition `index` received, `delivered` (the
+    consumer's mark, which covers only the last run) included, kept in the store.
+
+    Every start recreates the consumer, so its delivered mark forgets an earlier run that got
+    further before a crash; that run may have stored effects beyond it, which a restart past
+    the duplicate window must find (`router.jetstream.recovery`) rather than publish again.
+    Kept before the consumer is recreated, so a crash right after it still remembers.
+    """
+    name = f"delivered_through.{index}"
+    raw = await store.read_blob(name)
+    kept = int(raw) if raw and raw.isdigit() else 0
+    if delivered > kept:
+        await store.save_blob(name, str(delivered).encode())
+    return max(kept, delivered)
+
+
 def check_marks(index: int, applied: int, info: Any, cfg: Config) -> tuple[int, int]:
     """(first, last) sequence of EVENTS (`info`), when partition `index`, applied through
     `applied`, can go on from there; FatalError otherwise."""
