@@ -7,7 +7,7 @@ Every import is read from the source (ast), wherever it is: at the top, under
       -> actors, contracts, snapshots, router.workload
 
 A module may import its own layer and the ones below. `router` itself (the package),
-`router.errors`, `router.health`, `router.logs`, `router.metrics` and `router.secrets` may
+`router.errors`, `router.health`, `router.logs`, `router.metrics`, `router.pidlock` and `router.secrets` may
 be imported from anywhere in `router` and import nothing above the bottom layer; the
 bottom layer imports nothing of `router` but `router.workload` (which may use those).
 """
@@ -36,8 +36,11 @@ _LAYERS: tuple[tuple[str, int], ...] = (
     ("contracts", 4),
     ("snapshots", 4),
 )
-# Usable from anywhere in router: the package itself, errors, logging, metrics, the health model, secrets.
-_SHARED = ("router", "router.errors", "router.health", "router.logs", "router.metrics", "router.secrets")
+# Usable from anywhere in router: the package itself, errors, logging, metrics, the health model,
+# pid locks, secrets.
+_SHARED = (
+    "router", "router.errors", "router.health", "router.logs", "router.metrics", "router.pidlock", "router.secrets"
+)
 _SHARED_RANK = 5
 # Same rank, but neither may import the other.
 _SIBLINGS = {("router.http", "router.oncall"), ("router.oncall", "router.http")}

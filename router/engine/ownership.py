@@ -48,11 +48,7 @@ from router.jetstream.ownership import (
     OwnershipDamaged,
     OwnershipUnavailable,
 )
-
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; two routers on one data folder are not detected there
-    fcntl = None  # type: ignore[assignment]
+from router.pidlock import PidLock, PidLockBusy
 
 log = structlog.get_logger()
 
@@ -384,30 +380,18 @@ class InstanceLock:
     def __init__(self, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / LOCK_FILE
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            if fcntl is not None:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            self._fd = None
-            try:
-                other = self.path.read_text().strip() or "?"
-            except OSError:
-                other = "?"
+            # The file stays on release: unlinking it would race a new holder.
+            self._lock = PidLock(self.path)
+        except PidLockBusy as busy:
             raise DataDirBusy(
-                f"another router (pid {other}) is running with data folder {data_dir}; stop it first, "
+                f"another router (pid {busy.holder}) is running with data folder {data_dir}; stop it first, "
                 "or give this one another [snapshots] path"
             ) from None
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, f"{os.getpid()}\n".encode())
         self.instance = _instance_id(data_dir / ID_FILE)
 
     def release(self) -> None:
-        if self._fd is None:
-            return
-        os.close(self._fd)  # releases the lock (the file stays: unlinking it would race a new holder)
-        self._fd = None
+        self._lock.release()
 
 
 def _instance_id(path: Path) -> str:

@@ -37,10 +37,7 @@ import anyio
 import anyio.abc
 import structlog
 
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; a second router there is not detected
-    fcntl = None  # type: ignore[assignment]
+from router.pidlock import PidLock, PidLockBusy
 
 log = structlog.get_logger()
 
@@ -290,7 +287,7 @@ class EmbeddedServer:
     data_dir: Path
     reused: bool
     _process: anyio.abc.Process | None = field(default=None, repr=False)
-    _owner: _OwnerLock | None = field(default=None, repr=False)
+    _owner: PidLock | None = field(default=None, repr=False)
     _stopped: bool = field(default=False, repr=False)
 
     async def stop(self, grace: float = 10.0) -> None:
@@ -317,40 +314,17 @@ class EmbeddedServer:
             log.info("embedded_server_stopped", url=self.url, pid=self.pid)
 
 
-class _OwnerLock:
-    """`nats-server.owner`: an flock held by the router that runs the server, with its pid inside.
-
-    The kernel drops the lock when the owner exits, even by SIGKILL, so a held lock means a
-    live router; a free one means any server left running is an orphan to adopt or stop.
-    """
-
-    def __init__(self, data_dir: Path) -> None:
-        self.path = data_dir / OWNER_FILE
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            if fcntl is not None:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            self._fd = None
-            try:
-                other = self.path.read_text().strip() or "?"
-            except OSError:
-                other = "?"
-            raise EmbeddedServerError(
-                f"another router (pid {other}) is running the embedded server for {data_dir}; "
-                "stop it first or give this one another [snapshots] path"
-            ) from None
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, f"{os.getpid()}\n".encode())
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        with contextlib.suppress(OSError):
-            self.path.unlink()
-        os.close(self._fd)  # releases the lock
-        self._fd = None
+def _owner_lock(data_dir: Path) -> PidLock:
+    """`nats-server.owner`: held by the router that runs the server, with its pid inside. A held
+    lock means a live router; a free one means any server left running is an orphan to adopt
+    or stop."""
+    try:
+        return PidLock(data_dir / OWNER_FILE, unlink_on_release=True)
+    except PidLockBusy as busy:
+        raise EmbeddedServerError(
+            f"another router (pid {busy.holder}) is running the embedded server for {data_dir}; "
+            "stop it first or give this one another [snapshots] path"
+        ) from None
 
 
 def _remove_our_files(data_dir: Path, url: str, pid: int) -> None:
@@ -464,7 +438,7 @@ async def start_embedded(
     data_dir = Path(await anyio.Path(data_dir).absolute())
     await anyio.Path(data_dir).mkdir(parents=True, exist_ok=True)
     binary = find_nats_server()
-    owner = _OwnerLock(data_dir)
+    owner = _owner_lock(data_dir)
     try:
         server = await _adopt_or_launch(binary, data_dir, port, ready_timeout, stop_timeout)
     except BaseException:
