@@ -133,7 +133,7 @@ class Partition:
         if effects > applied:
             # Record it before the consumer (and its ack floor) is recreated.
             await d.store.write_effects_mark(self.index, effects)
-        delivered = min(await delivered_through(d.store, self.index, delivered), last)
+        delivered = min(await delivered_through(d.store, self.index, delivered, effects), last)
         if delivered > effects:
             # Received by the last run but not acknowledged: some effects may be stored already.
             stored = await StoredEffects.load(d.nc, self.cfg, effects, delivered, last)

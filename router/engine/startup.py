@@ -24,19 +24,21 @@ from snapshots import Store, StoreDamagedError
 log = structlog.get_logger()
 
 
-async def delivered_through(store: Store, index: int, delivered: int) -> int:
+async def delivered_through(store: Store, index: int, delivered: int, confirmed: int) -> int:
     """The highest stream sequence any run of partition `index` received, `delivered` (the
     consumer's mark, which covers only the last run) included, kept in the store.
 
     Every start recreates the consumer, so its delivered mark forgets an earlier run that got
     further before a crash; that run may have stored effects beyond it, which a restart past
     the duplicate window must find (`router.jetstream.recovery`) rather than publish again.
-    Kept before the consumer is recreated, so a crash right after it still remembers.
+    Kept before the consumer is recreated, so a crash right after it still remembers; written
+    only when events above `confirmed` (the effects-confirmed mark) were received, so a start
+    that has nothing to check writes nothing (a damaged store is left as it was found).
     """
     name = f"delivered_through.{index}"
     raw = await store.read_blob(name)
     kept = int(raw) if raw and raw.isdigit() else 0
-    if delivered > kept:
+    if delivered > kept and delivered > confirmed:
         await store.save_blob(name, str(delivered).encode())
     return max(kept, delivered)
 
