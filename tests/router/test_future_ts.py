@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +12,12 @@ from contracts.times import rfc3339
 from tests.support.harness import (
     check_against_fold,
     make_config,
+    now_us,
     publish_all,
     query_state,
     running_router,
     settle,
+    timed_event,
 )
 from tests.support.oracle import read_stream
 
@@ -27,14 +28,7 @@ MIN = 60 * S
 H = 60 * MIN
 
 
-def now_us() -> int:
-    return time.time_ns() // 1000
-
-
-def ev(kind: str, key: str, ts_us: int | None = None, **payload: Any) -> tuple[str, bytes]:
-    if ts_us is not None:
-        payload["ts"] = rfc3339(ts_us)
-    return f"events.{kind}.{key}", json.dumps(payload).encode()
+ev = timed_event
 
 
 async def test_a_ts_from_the_future_is_dead_lettered_with_its_skew(nats_server: Any, tmp_path: Path) -> None:

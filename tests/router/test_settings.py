@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from contracts.times import rfc3339
 from tests.support.harness import (
     check_against_fold,
     check_states,
     make_config,
+    now_us,
     publish_all,
     query_state,
     running_router,
     settle,
+    timed_event,
 )
 from tests.support.oracle import read_stream
 from tests.support.procs import (
@@ -35,14 +35,7 @@ MIN = 60 * S
 H = 60 * MIN
 
 
-def now_us() -> int:
-    return time.time_ns() // 1000
-
-
-def ev(kind: str, key: str, ts_us: int | None = None, **payload: Any) -> tuple[str, bytes]:
-    if ts_us is not None:
-        payload["ts"] = rfc3339(ts_us)
-    return f"events.{kind}.{key}", json.dumps(payload).encode()
+ev = timed_event
 
 
 async def exceptions(url: str) -> list[dict[str, Any]]:

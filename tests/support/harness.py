@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -14,8 +15,21 @@ import anyio
 import nats
 
 from contracts.config import Config, config_from_dict, duration_us
+from contracts.times import rfc3339
 from router.engine.daemon import Runtime, wall_clock_us
 from tests.support.oracle import Expected, Stored, expected_reply, fold, read_stream
+
+
+def now_us() -> int:
+    """The wall clock in epoch microseconds."""
+    return time.time_ns() // 1000
+
+
+def timed_event(kind: str, key: str, ts_us: int | None = None, **payload: Any) -> tuple[str, bytes]:
+    """(subject, payload) of one event, with `ts` at `ts_us` when given (else the stream's time)."""
+    if ts_us is not None:
+        payload["ts"] = rfc3339(ts_us)
+    return f"events.{kind}.{key}", json.dumps(payload).encode()
 
 
 def make_config(url: str, data_dir: Path, **sections: dict[str, Any]) -> Config:
