@@ -40,17 +40,43 @@ def dead_letter_number(text: str) -> int:
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
-    if args.action == "show" and (args.seq is None) == (args.events_seq is None):
-        raise UsageError(
-            "dlq show needs one dead letter: its number as `router dlq list` shows it (router dlq show 12) "
-            "or the EVENTS sequence of the event (router dlq show --events-seq 105)"
-        )
-    if args.action == "list" and (args.seq is not None or args.events_seq is not None):
+    numbers: list[int] = list(args.seq or [])
+    if args.action != "redrive":
+        used = [flag for flag, on in (
+            ("--error", args.error), ("--since", args.since), ("--set", args.set), ("--dry-run", args.dry_run),
+            ("--skip-invalid", args.skip_invalid), ("--force", args.force), ("--json", args.json),
+        ) if on]
+        if used:
+            raise UsageError(f"{used[0]} is for `router dlq redrive`")
+    if args.action == "show":
+        if len(numbers) > 1:
+            raise UsageError("dlq show shows one dead letter (router dlq show 12)")
+        args.seq = numbers[0] if numbers else None
+        if (args.seq is None) == (args.events_seq is None):
+            raise UsageError(
+                "dlq show needs one dead letter: its number as `router dlq list` shows it (router dlq show 12) "
+                "or the EVENTS sequence of the event (router dlq show --events-seq 105)"
+            )
+    if args.action == "list" and (numbers or args.events_seq is not None):
         raise UsageError("dlq list takes no number (did you mean `router dlq show N`?)")
+    if args.action == "redrive":
+        if args.events_seq is not None or args.raw:
+            raise UsageError("dlq redrive takes dead-letter numbers (#N of `router dlq list`) or --error CODE")
+        if bool(numbers) == bool(args.error):
+            raise UsageError(
+                "dlq redrive needs the dead letters: their numbers (router dlq redrive 12 13) "
+                "or a reason (router dlq redrive --error invalid [--since 2h])"
+            )
+        if args.since is not None and not args.error:
+            raise UsageError("--since selects with --error (router dlq redrive --error invalid --since 2h)")
     if args.limit < 1:
         raise UsageError("--limit must be at least 1")
     cfg, server = client_setup(args)
     stream = cfg.streams.deadletter
+    if args.action == "redrive":
+        from router.cli.redrive import redrive
+
+        return int(run_async(redrive, cfg, server, args))
     if args.action == "show":
         return int(run_async(_dlq_show, cfg, server, stream, args))
     return int(run_async(_dlq_list, cfg, server, stream, args))

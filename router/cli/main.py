@@ -34,6 +34,7 @@ from router.cli.common import (
 )
 from router.cli.dlq import cmd_dlq, dead_letter_number
 from router.cli.health import add_parser as add_health_parser
+from router.cli.redrive import field_setting, since_time
 from router.cli.store import add_store_commands
 
 # --- run, check-config, schema ---------------------------------------------------------
@@ -310,18 +311,24 @@ def build_parser() -> argparse.ArgumentParser:
             "Router-Error, Router-Detail, Router-Subject and Router-Seq headers. `list` shows the "
             "latest, each with its number (#N, its DEADLETTER sequence) and the EVENTS sequence of the "
             "event; `show N` shows one with its headers and full payload (`show --events-seq SEQ` finds "
-            "it by the EVENTS sequence, as in the router's log)."
+            "it by the EVENTS sequence, as in the router's log). `redrive N...` (or `redrive --error CODE "
+            "[--since T]`) republishes dead letters to their event's subject, as they were or with "
+            "--set FIELD=JSON, after checking that the router would apply them; each at most once "
+            "(recorded in the KV bucket <deadletter stream>_redriven)."
         ),
         epilog=(
             "Examples:\n  router dlq\n  router dlq list --limit 50 --kind sku\n  router dlq show 12\n"
-            "  router dlq show --events-seq 105"
+            "  router dlq show --events-seq 105\n  router dlq redrive 12 13\n"
+            "  router dlq redrive 12 --set qty=5\n  router dlq redrive --error unknown_type --since 2h --dry-run"
         ),
     )
     p.add_argument(
-        "action", nargs="?", choices=["list", "show"], default="list", help="list (default) or show"
+        "action", nargs="?", choices=["list", "show", "redrive"], default="list",
+        help="list (default), show or redrive",
     )
     p.add_argument(
-        "seq", nargs="?", type=dead_letter_number, metavar="N", help="for show: the #N that list shows"
+        "seq", nargs="*", type=dead_letter_number, metavar="N",
+        help="for show: the #N that list shows; for redrive: one or more",
     )
     p.add_argument(
         "--events-seq", type=int, metavar="SEQ", help="for show: the dead letter of this EVENTS sequence"
@@ -329,6 +336,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=20, metavar="N", help="how many of the latest to list (20)")
     p.add_argument("--kind", choices=[*KINDS, "unknown"], help="only dead letters of this kind")
     p.add_argument("--raw", action="store_true", help="show: write only the payload's exact bytes")
+    p.add_argument("--error", metavar="CODE", help="redrive: the dead letters of this Router-Error (e.g. invalid)")
+    p.add_argument(
+        "--since", type=since_time, metavar="T",
+        help="redrive --error: only those dead-lettered since T (a time with offset, or 30m, 2h, 1d ago)",
+    )
+    p.add_argument(
+        "--set", action="append", type=field_setting, default=[], metavar="FIELD=JSON",
+        help="redrive: replace FIELD (dotted for nested) of the JSON payload with the JSON value (repeatable)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="redrive: show what would be sent, send nothing")
+    p.add_argument(
+        "--skip-invalid", action="store_true", help="redrive: send the valid ones when some would be dead-lettered again"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="redrive: send even those the router would dead-letter again"
+    )
+    p.add_argument("--json", action="store_true", help="redrive: one JSON line per dead letter sent")
     p.set_defaults(func=cmd_dlq)
 
     add_health_parser(sub, client, argparse.RawDescriptionHelpFormatter)
