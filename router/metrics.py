@@ -1,175 +1,199 @@
-"""One metrics registry: the counters and gauges every part of the router reports to.
+"""The router's Prometheus metrics (prometheus-client), one registry per runtime.
 
-Small and in-house. What reads it: the periodic `router_summary` log line, the health
-model, and later a Prometheus exposition (`exposition()` already writes that text form).
+Every `RouterMetrics` owns its own `CollectorRegistry`: nothing is registered in
+prometheus-client's global default registry, so several routers in one process (tests)
+never collide. What reads it: `/metrics` (`exposition`), the periodic `router_summary`
+log line (`Summary`) and the tests.
 
-- A metric has a name, a help text and fixed label names; a sample is keyed by a tuple of
-  label values in that order (`("0", "sku")`). Labels are small, closed sets (partition,
-  kind, rule, status, reason): never a key, an id or a subject, which would grow without end.
-- Counters only go up (`inc`); gauges are set (`set`). Neither checks its labels on the way
-  in: the callers are few, and `Registry.check()` (run by the tests) finds a wrong arity.
-- Hot paths count in local variables and report once per batch (see the partition's drain).
-- Values that are cheap to read but costly to track (resident actors, snapshot age) are set
-  by collectors, which `collect()` runs before anything reads the registry.
+Names follow the Prometheus conventions: the `ops_router_` prefix, base units (`_seconds`,
+`_bytes`) in the name, `_total` on counters, `_info` on the build pseudo-metric. Labels are
+small, closed sets (partition, kind, rule, status, reason): never a SKU, shipment or
+campaign id, a subject or anything else that grows without end.
+
+- Tracked (the code that does the work reports it): events applied per partition and kind,
+  exceptions per kind, rule and status, dead letters per reason, the end-to-end latency
+  histogram, the apply time per batch, the snapshot duration.
+- Read at scrape time (cheap to read, costly to track): consumer lag, resident actors,
+  snapshot age, timer backlog, open exceptions. The runtime hands `watch_partitions` and
+  `watch_open` functions that `collect()` calls on every scrape.
+
+Hot paths count in local variables and report once per batch (see router.engine.meter):
+never a metric call per event.
 """
 
 from __future__ import annotations
 
-import math
+import platform
 import time
-from collections.abc import Callable, Iterable
-from typing import ClassVar, Final, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Final
 
-Labels = tuple[str, ...]
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
+from router import __version__
 
-class Metric:
-    """A named family of samples, one per label tuple."""
+# The `<name>_created` series prometheus-client adds to every counter and histogram are one
+# more series per label set that Prometheus stores as a gauge of its own, and nothing here
+# uses them: off, for this process (the router's own; a setting of prometheus-client's module).
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
-    kind: ClassVar[str] = "untyped"
-    __slots__ = ("help", "labelnames", "name", "values")
+PREFIX: Final = "ops_router_"
 
-    def __init__(self, name: str, help: str, labelnames: Labels = ()) -> None:
-        self.name = name
-        self.help = help
-        self.labelnames = labelnames
-        self.values: dict[Labels, float] = {}
-
-    def get(self, labels: Labels = ()) -> float:
-        return self.values.get(labels, 0)
-
-    def total(self) -> float:
-        """The sum over every label tuple."""
-        return sum(self.values.values())
-
-    def by(self, label: str) -> dict[str, float]:
-        """Sums per value of one label (`exceptions.by("status")` -> {"raised": 3, "cleared": 1})."""
-        i = self.labelnames.index(label)
-        out: dict[str, float] = {}
-        for labels, value in self.values.items():
-            out[labels[i]] = out.get(labels[i], 0) + value
-        return out
+# Seconds. End to end: from the event's JetStream timestamp to the exception's publish
+# acknowledged; a catch-up after a stop records how long the events waited.
+LATENCY_BUCKETS: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+)
+# Seconds: one drain of a partition's received messages.
+APPLY_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+# Seconds: one snapshot, from its start to its commit.
+SNAPSHOT_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-class Counter(Metric):
-    kind = "counter"
-    __slots__ = ()
+@dataclass(frozen=True, slots=True)
+class PartitionGauges:
+    """What one partition reports at scrape time (see `RouterMetrics.watch_partitions`)."""
 
-    def inc(self, labels: Labels = (), n: float = 1) -> None:
-        values = self.values
-        values[labels] = values.get(labels, 0) + n
-
-
-class Gauge(Metric):
-    kind = "gauge"
-    __slots__ = ()
-
-    def set(self, labels: Labels, value: float) -> None:
-        self.values[labels] = value
+    partition: int
+    lag: int  # events of the partition stored and not yet applied, as of its last delivery
+    resident_actors: int
+    snapshot_age_s: float  # since the stored state last held everything applied then
+    timers_due_soon: int  # timers in memory (due within the timer horizon), not fired yet
+    timers_overdue_s: float  # how late the earliest of them is (0 when none is due yet)
 
 
-_M = TypeVar("_M", bound=Metric)
+PartitionSource = Callable[[], Iterable[PartitionGauges]]
+# (kind, rule) -> exceptions open now.
+OpenSource = Callable[[], Mapping[tuple[str, str], int]]
 
 
-class Registry:
-    """Every metric of one process, by name."""
+def _package_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class _Gauges(Collector):
+    """The gauges read at scrape time from the runtime's live state."""
 
     def __init__(self) -> None:
-        self._metrics: dict[str, Metric] = {}
-        self._collectors: list[Callable[[], None]] = []
+        self.partitions: PartitionSource = tuple
+        self.open: OpenSource | None = None
 
-    def counter(self, name: str, help: str, labelnames: Labels = ()) -> Counter:
-        return self._add(Counter(name, help, labelnames))
-
-    def gauge(self, name: str, help: str, labelnames: Labels = ()) -> Gauge:
-        return self._add(Gauge(name, help, labelnames))
-
-    def _add(self, metric: _M) -> _M:
-        if metric.name in self._metrics:
-            raise ValueError(f"metric {metric.name} is registered already")
-        self._metrics[metric.name] = metric
-        return metric
-
-    def add_collector(self, collect: Callable[[], None]) -> None:
-        """`collect()` runs before every read: it sets gauges that are read, not tracked."""
-        self._collectors.append(collect)
-
-    def remove_collector(self, collect: Callable[[], None]) -> None:
-        self._collectors.remove(collect)
-
-    def collect(self) -> list[Metric]:
-        """Run the collectors, then every metric by name."""
-        for collect in list(self._collectors):
-            collect()
-        return [self._metrics[name] for name in sorted(self._metrics)]
-
-    def __getitem__(self, name: str) -> Metric:
-        return self._metrics[name]
-
-    def check(self) -> list[str]:
-        """Samples whose label tuple does not match their metric's label names."""
-        return [
-            f"{m.name}{labels}: expected labels {m.labelnames}"
-            for m in self._metrics.values()
-            for labels in m.values
-            if len(labels) != len(m.labelnames) or not all(isinstance(v, str) for v in labels)
-        ]
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _number(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if math.isnan(value):
-        return "NaN"
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
-def exposition(metrics: Iterable[Metric]) -> str:
-    """The Prometheus text format (version 0.0.4) of `metrics` (e.g. `registry.collect()`)."""
-    lines: list[str] = []
-    for m in metrics:
-        lines.append(f"# HELP {m.name} {m.help.replace(chr(92), chr(92) * 2).replace(chr(10), ' ')}")
-        lines.append(f"# TYPE {m.name} {m.kind}")
-        for labels, value in sorted(m.values.items()):
-            if labels:
-                pairs = ",".join(f'{k}="{_escape(v)}"' for k, v in zip(m.labelnames, labels, strict=True))
-                lines.append(f"{m.name}{{{pairs}}} {_number(value)}")
-            else:
-                lines.append(f"{m.name} {_number(value)}")
-    return "\n".join(lines) + "\n"
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        parts = list(self.partitions())
+        families: tuple[tuple[str, str, Callable[[PartitionGauges], float]], ...] = (
+            ("consumer_lag_messages",
+             "Events stored in the partition's share of EVENTS and not yet applied (as of its last delivery)",
+             lambda p: p.lag),
+            ("resident_actors", "Actors held in memory", lambda p: p.resident_actors),
+            ("snapshot_age_seconds",
+             "Seconds since the partition's stored state last held everything it had applied",
+             lambda p: round(p.snapshot_age_s, 3)),
+            ("timers_due_soon", "Timers in memory (due within [router] timer_horizon) not fired yet",
+             lambda p: p.timers_due_soon),
+            ("timer_backlog_seconds",
+             "How late the partition's earliest unfired timer is (0 while none is due): the age of the timer backlog",
+             lambda p: round(p.timers_overdue_s, 3)),
+        )
+        for name, help_text, read in families:
+            g = GaugeMetricFamily(PREFIX + name, help_text, labels=("partition",))
+            for p in parts:
+                g.add_metric((str(p.partition),), float(read(p)))
+            yield g
+        if self.open is not None:
+            g = GaugeMetricFamily(
+                PREFIX + "open_exceptions", "Exceptions in force now (CONTRACT 5.1), by kind and rule",
+                labels=("kind", "rule"),
+            )
+            for (kind, rule), n in sorted(self.open().items()):
+                g.add_metric((kind, rule), float(n))
+            yield g
 
 
 class RouterMetrics:
-    """The router's metrics: one home for their names, labels and meaning."""
+    """The router's metrics: one home for their names, labels and meaning, in a registry of their own."""
 
-    def __init__(self, registry: Registry | None = None) -> None:
-        self.registry = r = registry if registry is not None else Registry()
-        self.events_applied = r.counter(
-            "router_events_applied_total", "Events applied to an actor", ("partition", "kind")
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.events_applied = Counter(
+            PREFIX + "events_applied", "Events applied to an actor, by partition and kind",
+            ("partition", "kind"), registry=r,
         )
-        self.exceptions = r.counter(
-            "router_exceptions_total",
-            "Exception events published (raised or cleared), by kind and rule",
-            ("kind", "rule", "status"),
+        self.exceptions = Counter(
+            PREFIX + "exceptions", "Exception events published, by kind, rule and status (raised or cleared)",
+            ("kind", "rule", "status"), registry=r,
         )
-        self.dead_letters = r.counter(
-            "router_dead_letters_total", "Events dead-lettered, by Router-Error reason", ("reason",)
+        self.dead_letters = Counter(
+            PREFIX + "dead_letters", "Events dead-lettered, by Router-Error reason", ("reason",), registry=r,
         )
-        self.consumer_lag = r.gauge(
-            "router_consumer_lag",
-            "Events stored in the partition's share of EVENTS and not yet applied (as of its last delivery)",
-            ("partition",),
+        self.end_to_end = Histogram(
+            PREFIX + "end_to_end_latency_seconds",
+            "From an event's JetStream timestamp to the publish acknowledged of an exception it caused",
+            registry=r, buckets=LATENCY_BUCKETS,
         )
-        self.resident_actors = r.gauge("router_resident_actors", "Actors held in memory", ("partition",))
-        self.last_snapshot_age = r.gauge(
-            "router_last_snapshot_age_seconds",
-            "Seconds since the partition's stored state last caught up with what it applied",
-            ("partition",),
+        self.apply_batch = Histogram(
+            PREFIX + "apply_batch_duration_seconds",
+            "Time to apply one batch of received messages (one drain of the partition's queue)",
+            ("partition",), registry=r, buckets=APPLY_BUCKETS,
         )
+        self.snapshot_duration = Histogram(
+            PREFIX + "snapshot_duration_seconds", "Time to write one snapshot, from its start to its commit",
+            ("partition",), registry=r, buckets=SNAPSHOT_BUCKETS,
+        )
+        self.build = Info(PREFIX + "build", "The router's version and what it runs on", registry=r)
+        self.build.info({
+            "version": __version__,
+            "python": platform.python_version(),
+            "nats_py": _package_version("nats-py"),
+        })
+        self._gauges = _Gauges()
+        r.register(self._gauges)
+
+    def watch_partitions(self, source: PartitionSource) -> None:
+        """`source()` is called at every scrape for the partitions this instance runs now."""
+        self._gauges.partitions = source
+
+    def watch_open(self, source: OpenSource) -> None:
+        """`source()` is called at every scrape: open exceptions per (kind, rule)."""
+        self._gauges.open = source
+
+    def partitions(self) -> list[PartitionGauges]:
+        return list(self._gauges.partitions())
+
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """See the module function `exposition`."""
+        return exposition(self.registry, accept)
+
+
+def exposition(registry: CollectorRegistry, accept: str = "") -> tuple[bytes, str]:
+    """The body and Content-Type of a `/metrics` reply: every metric of `registry`, as text.
+
+    `accept` is the request's Accept header ("" or absent: the Prometheus text format 0.0.4;
+    `application/openmetrics-text`: OpenMetrics). Call it from the router's event loop
+    thread: the scrape-time gauges read the partitions' live state.
+    """
+    encoder, content_type = choose_encoder(accept)
+    return encoder(registry), content_type
+
+
+def samples(source: Collector, name: str) -> list[Sample]:
+    """Every sample named `name` (e.g. `ops_router_events_applied_total`) that `source` (a registry
+    or one metric) holds now."""
+    return [s for family in source.collect() for s in family.samples if s.name == name]
+
+
+def total(source: Collector, name: str, **match: str) -> float:
+    """The sum of the samples named `name` whose labels include `match`."""
+    return sum(s.value for s in samples(source, name) if all(s.labels.get(k) == v for k, v in match.items()))
 
 
 # The events of one kind counted in one integer per batch (see `applied_weights`).
@@ -200,7 +224,7 @@ def split_tally(tally: int, kinds: Iterable[str]) -> list[tuple[str, int]]:
 
 
 class Summary:
-    """The one-line periodic summary of the router's activity, read from the registry.
+    """The one-line periodic summary of the router's activity, read from the metrics.
 
     Each `fields()` call reports what happened since the previous one: events applied per
     second, exceptions raised and cleared, dead letters; and, as they stand, the consumer
@@ -215,13 +239,18 @@ class Summary:
 
     def _read(self) -> tuple[float, float, float, float]:
         m = self.metrics
-        status = m.exceptions.by("status")
-        return (m.events_applied.total(), status.get("raised", 0), status.get("cleared", 0), m.dead_letters.total())
+        exceptions = PREFIX + "exceptions_total"
+        return (
+            total(m.events_applied, PREFIX + "events_applied_total"),
+            total(m.exceptions, exceptions, status="raised"),
+            total(m.exceptions, exceptions, status="cleared"),
+            total(m.dead_letters, PREFIX + "dead_letters_total"),
+        )
 
     def fields(self) -> dict[str, float | int]:
-        self.metrics.registry.collect()
         now = self.clock()
         current = self._read()
+        parts = self.metrics.partitions()
         applied, raised, cleared, dead = (int(c - p) for c, p in zip(current, self._last, strict=True))
         span = max(now - self._at, 1e-9)
         self._last, self._at = current, now
@@ -231,7 +260,7 @@ class Summary:
             "exceptions_raised": raised,
             "exceptions_cleared": cleared,
             "dead_letters": dead,
-            "lag": int(self.metrics.consumer_lag.total()),
-            "resident_actors": int(self.metrics.resident_actors.total()),
+            "lag": sum(p.lag for p in parts),
+            "resident_actors": sum(p.resident_actors for p in parts),
             "interval_s": round(span, 1),
         }

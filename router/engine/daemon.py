@@ -39,7 +39,7 @@ from router.jetstream.connection import connect_options
 from router.jetstream.ownership import OwnershipBucket, bucket_name
 from router.jetstream.parser import FastParser, Refusal
 from router.jetstream.publisher import Publisher
-from router.metrics import RouterMetrics, Summary
+from router.metrics import PartitionGauges, RouterMetrics, Summary
 from snapshots import Store, StoreDamagedError, StoreFullError
 
 log = structlog.get_logger()
@@ -87,7 +87,7 @@ class Runtime:
         self.holding = holding
         self.instance = holding.ownership.instance
         self.partitions: list[Partition] = []
-        self.metrics.registry.add_collector(self._collect)
+        self.metrics.watch_partitions(self._partition_gauges)
         self.started_at = time.monotonic()
         self.started_wall = health_model.now_rfc3339()
         self.status: health_model.Status = "starting"
@@ -305,11 +305,20 @@ class Runtime:
             processed=sum(p.processed for p in self.partitions),
         )
 
-    def _collect(self) -> None:
-        """The gauges read rather than tracked (see router.metrics.Registry.add_collector)."""
-        now = time.monotonic()
-        for p in self.partitions:
-            p.meter.collect(len(p.resident), now - p.snapshots.caught_up_at)
+    def _partition_gauges(self) -> list[PartitionGauges]:
+        """What each partition reports at scrape time (see RouterMetrics.watch_partitions)."""
+        now, now_us = time.monotonic(), self.now_us()
+        return [
+            PartitionGauges(
+                partition=p.index,
+                lag=p.meter.lag,
+                resident_actors=len(p.resident),
+                snapshot_age_s=now - p.snapshots.caught_up_at,
+                timers_due_soon=len(p.timers.heap),
+                timers_overdue_s=max(0, now_us - p.timers.heap[0][0]) / 1e6 if p.timers.heap else 0.0,
+            )
+            for p in self.partitions
+        ]
 
     def health(self) -> health_model.Health:
         """The one health model: what router.health answers and <data>/health.json holds."""

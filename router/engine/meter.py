@@ -1,13 +1,14 @@
-"""What one partition reports to the metrics registry, and how its hot loop counts cheaply.
+"""What one partition reports to the metrics, and how its hot loop counts cheaply.
 
-The drain must not pay for a dictionary update per event. It adds one integer per applied
+The drain must not pay for a metric call per event. It adds one integer per applied
 event instead, a weight per kind (`router.metrics.applied_weights`) cached with the subject
 (`counted`), and hands the sum to `PartitionMeter.batch` once per drain, which splits it into
-kinds and reads the lag from the last delivery's ack subject.
+kinds, records the drain's time and reads the lag from the last delivery's ack subject.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Final
 
 import actors
@@ -30,36 +31,34 @@ def counted(parsed: StoredSubject | Rejected) -> CountedSubject | Rejected:
 
 
 class PartitionMeter:
-    """One partition's share of the registry: what its loop and parts report."""
+    """One partition's share of the metrics: what its loop and parts report."""
 
-    __slots__ = ("_applied", "_lag_gauge", "label", "lag", "metrics", "partition")
+    __slots__ = ("_applied", "_apply_time", "_snapshot_time", "lag", "partition")
 
     def __init__(self, metrics: RouterMetrics, index: int) -> None:
-        self.metrics = metrics
-        self.partition = str(index)
-        self.label = (self.partition,)
-        self._applied = metrics.events_applied
-        self._lag_gauge = metrics.consumer_lag
+        self.partition = label = str(index)
+        # The labelled children, bound once: a batch's report is a few plain calls.
+        self._applied = {kind: metrics.events_applied.labels(label, kind) for kind in KINDS}
+        self._apply_time = metrics.apply_batch.labels(label)
+        self._snapshot_time = metrics.snapshot_duration.labels(label)
         self.lag = 0  # events of the partition stored and not yet applied, as of its last delivery
 
     def start(self, backlog: int) -> None:
         """At start-up, before any delivery: the backlog (at most: with partitions, some is others')."""
         self.lag = backlog
-        self._lag_gauge.set(self.label, backlog)
 
-    def batch(self, tally: int, last_reply: bytes, queued: int) -> None:
-        """Once per drain: the events applied (a tally of weights) and the lag after the last delivery."""
+    def batch(self, tally: int, last_reply: bytes, queued: int, started: float) -> None:
+        """Once per drain that received messages (`last_reply` is the last one's ack subject, b"" when it
+        received none): the events applied (a tally of weights), the lag after the last delivery and
+        the drain's time since `started` (time.monotonic())."""
         if tally:
-            partition, applied = self.partition, self._applied
+            applied = self._applied
             for kind, n in split_tally(tally, KINDS):
-                applied.inc((partition, kind), n)
+                applied[kind].inc(n)
         if last_reply:
             self.lag = reply_pending(last_reply) + queued
-            self._lag_gauge.set(self.label, self.lag)
+            self._apply_time.observe(time.monotonic() - started)
 
-    def collect(self, resident: int, snapshot_age_s: float) -> None:
-        """The gauges read rather than tracked (see Registry.add_collector)."""
-        m = self.metrics
-        m.resident_actors.set(self.label, resident)
-        m.last_snapshot_age.set(self.label, round(snapshot_age_s, 3))
-        m.consumer_lag.set(self.label, self.lag)
+    def snapshot_written(self, seconds: float) -> None:
+        self._snapshot_time.observe(seconds)
+

@@ -10,6 +10,7 @@ belongs there.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
@@ -26,6 +27,7 @@ from contracts.rules import SEVERITY
 from contracts.times import rfc3339
 from router.engine.ownership import LeaseLost
 from router.jetstream.publisher import Fence, Publisher
+from router.jetstream.pull import reply_ts_ns
 from router.jetstream.recovery import StoredEffects
 from router.metrics import RouterMetrics
 
@@ -76,6 +78,8 @@ class Outbox:
         metrics = metrics if metrics is not None else RouterMetrics()
         self._exceptions = metrics.exceptions  # by (kind, rule, status)
         self._dead_letters = metrics.dead_letters  # by (reason,)
+        self._end_to_end = metrics.end_to_end
+        self._counters: dict[tuple[str, ...], Any] = {}  # labelled children, bound once each
         self._now_us = now_us
         self._schedule = schedule  # where a SetTimer effect goes
         self._wake = wake  # an entry is fully confirmed: acks may advance
@@ -135,8 +139,12 @@ class Outbox:
                 ev = self._changed = anyio.Event()
             await ev.wait()
 
-    def _done_cb(self, entry: InFlight) -> Done:
+    def _done_cb(self, entry: InFlight, event_ns: int) -> Done:
+        latency = self._end_to_end
+
         def done() -> None:
+            if event_ns:  # an exception caused by an event: its end-to-end latency
+                latency.observe(max(0, time.time_ns() - event_ns) / 1e9)
             entry.outstanding -= 1
             if entry.outstanding == 0:
                 self._wake()
@@ -161,6 +169,7 @@ class Outbox:
         """Publish what `effects` say (unless `publish` is False: confirmed before a restart) and
         schedule their timers. `entry` tracks an event's publishes; a timer firing passes `done`."""
         cause = cause if cause is not None else str(seq)
+        event_ns = -1  # the event's JetStream timestamp (0: none, a timer's firing), read at the first alert
         for eff in effects:
             if type(eff) is Alert:
                 if not publish:
@@ -184,9 +193,11 @@ class Outbox:
                     )
                 )
                 self.exceptions_sent += 1
-                self._exceptions.inc((kind, eff.rule, eff.status))
+                self._count(self._exceptions, kind, eff.rule, eff.status)
+                if event_ns < 0:
+                    event_ns = reply_ts_ns(entry.reply) if entry is not None else 0
                 await self.publish(
-                    entry, exception_subject(kind, eff.rule, key), payload, {"Nats-Msg-Id": exc_id}, done
+                    entry, exception_subject(kind, eff.rule, key), payload, {"Nats-Msg-Id": exc_id}, done, event_ns
                 )
             elif type(eff) is Send:
                 if not publish:
@@ -217,14 +228,23 @@ class Outbox:
             hdr_len += len("Router-Truncated") + len(trunc) + 4
             data = data[: max(0, max_payload - hdr_len - 64)]
         self.dead_lettered += 1
-        self._dead_letters.inc((code,))
+        self._count(self._dead_letters, code)
         log.debug("dead_lettered", seq=entry.seq, subject=subject, error=code, detail=detail)
         await self.publish(entry, f"deadletter.{kind}", data, headers, None)
 
+    def _count(self, counter: Any, *labels: str) -> None:
+        child = self._counters.get(labels)
+        if child is None:
+            child = self._counters[labels] = counter.labels(*labels)
+        child.inc()
+
     async def publish(
-        self, entry: InFlight | None, subject: str, payload: bytes, headers: dict[str, str], done: Done | None
+        self, entry: InFlight | None, subject: str, payload: bytes, headers: dict[str, str], done: Done | None,
+        event_ns: int = 0,
     ) -> None:
-        """The one way out for an effect: tracked by `entry` (an event's) or reported to `done` (a firing's)."""
+        """The one way out for an effect: tracked by `entry` (an event's) or reported to `done` (a firing's).
+        `event_ns`: the JetStream timestamp of the event that caused an exception (its latency is
+        recorded when the stream confirms it)."""
         if entry is not None:
             stored = self.stored_effects
             if stored is not None:
@@ -233,7 +253,7 @@ class Outbox:
                 elif await stored.holds(subject, headers["Nats-Msg-Id"], entry.seq):
                     return  # stored before the crash: publishing it again could duplicate it
             entry.outstanding += 1
-            done = self._done_cb(entry)
+            done = self._done_cb(entry, event_ns)
         if self.fence is None:
             await self._publisher.publish(subject, payload, headers, done)
         elif self.fence():

@@ -104,7 +104,7 @@ class Partition:
         self.outbox = Outbox(deps.publisher, deps.now_us, self.timers.schedule, self._set_wake, deps.metrics)
         self.snapshots = Snapshotter(
             deps.store, index, self.resident, cfg.snapshots.every_events, deps.snapshot_every_s,
-            self.outbox, self.timers, self._set_wake,
+            self.outbox, self.timers, self._set_wake, on_written=self.meter.snapshot_written,
         )
         self.processed = 0
         self.ready = anyio.Event()
@@ -316,7 +316,7 @@ class Partition:
         lru = len(resident) >= self._lru_from
         delivered = tally = 0  # tally: events applied, one weight per kind (see router.engine.meter)
         caught_up_reply = b""
-        self.pulls.last_heard = time.monotonic()
+        self.pulls.last_heard = started = time.monotonic()
         while inq:
             subject, reply, data, hdr = inq.popleft()
             if not reply.startswith(b"$JS.ACK."):  # see router.jetstream.pull
@@ -404,7 +404,7 @@ class Partition:
         self.snapshots.since += delivered
         self.processed += delivered
         self.pulls.account(delivered)
-        self.meter.batch(tally, last_reply if delivered else b"", len(inq))
+        self.meter.batch(tally, last_reply if delivered else b"", len(inq), started)
         if caught_up_reply:
             self.caught_up_us = max(self.caught_up_us, ns_to_us(reply_ts_ns(caught_up_reply)))
         if len(resident) > self.cap:

@@ -66,6 +66,7 @@ class Snapshotter:
         timers: Timers,
         wake: Callable[[], None],
         clock: Callable[[], float] = time.monotonic,
+        on_written: Callable[[float], None] | None = None,
     ) -> None:
         self._store = store
         self._index = index
@@ -77,6 +78,7 @@ class Snapshotter:
         self._wake = wake  # a snapshot ended: written actors may be evicted, fetching may resume
         self._log = log.bind(partition=index)
         self._clock = clock  # for the pause after a full disk
+        self._on_written = on_written  # each snapshot written: its seconds from start to commit
         self.disk_full = False  # the last write found no room
         self._full_retry_at = 0.0
         self._full_pause = 0.0
@@ -211,6 +213,8 @@ class Snapshotter:
             self.marked_effects = effects
             self._room_again()
             self.caught_up_at = started
+            if self._on_written is not None:
+                self._on_written(time.monotonic() - started)
             if rows:
                 self._log.debug(
                     "snapshot_written",

@@ -1,55 +1,86 @@
-"""The metrics registry: counters, gauges, collectors, the per-kind batch tally, the summary, the text form."""
+"""The metrics: a registry per runtime, the names, the scrape-time gauges, the per-kind batch tally,
+the summary, the exposition (parsed with prometheus-client's own parser)."""
 
 from __future__ import annotations
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from router.metrics import Registry, RouterMetrics, Summary, applied_weights, exposition, split_tally
+from router.engine.meter import PartitionMeter
+from router.metrics import (
+    PartitionGauges,
+    RouterMetrics,
+    Summary,
+    applied_weights,
+    exposition,
+    split_tally,
+    total,
+)
+from tests.support.metrics_names import naming_problems
 
 KINDS = ("sku", "shipment", "campaign")
 
 
-def test_counters_and_gauges_by_label_tuple() -> None:
-    r = Registry()
-    c = r.counter("things_total", "Things", ("kind", "status"))
-    g = r.gauge("depth", "Depth", ("partition",))
-    c.inc(("sku", "raised"))
-    c.inc(("sku", "raised"), 2)
-    c.inc(("campaign", "cleared"))
-    g.set(("0",), 5)
-    g.set(("0",), 3)
-    assert c.get(("sku", "raised")) == 3
-    assert c.get(("shipment", "raised")) == 0
-    assert c.total() == 4
-    assert c.by("status") == {"raised": 3, "cleared": 1}
-    assert c.by("kind") == {"sku": 3, "campaign": 1}
-    assert g.get(("0",)) == 3
-    assert r.check() == []
-    c.inc(("sku",))
-    assert r.check() == ["things_total('sku',): expected labels ('kind', 'status')"]
-    with pytest.raises(ValueError, match="registered already"):
-        r.gauge("depth", "again")
+def families(m: RouterMetrics, accept: str = "") -> dict[str, object]:
+    body, _ = m.exposition(accept)
+    return {f.name: f for f in text_string_to_metric_families(body.decode())}
 
 
-def test_collectors_run_before_every_read() -> None:
-    r = Registry()
-    g = r.gauge("resident", "Resident", ("partition",))
-    sizes = {"0": 1}
+def test_each_runtime_has_a_registry_of_its_own() -> None:
+    a, b = RouterMetrics(), RouterMetrics()  # a second one would raise "Duplicated timeseries" if shared
+    a.events_applied.labels("0", "sku").inc(3)
+    assert a.registry.get_sample_value("ops_router_events_applied_total", {"partition": "0", "kind": "sku"}) == 3
+    assert b.registry.get_sample_value("ops_router_events_applied_total", {"partition": "0", "kind": "sku"}) is None
+    from prometheus_client import REGISTRY
 
-    def collect() -> None:
-        for p, n in sizes.items():
-            g.set((p,), n)
+    assert REGISTRY.get_sample_value("ops_router_events_applied_total", {"partition": "0", "kind": "sku"}) is None
 
-    r.add_collector(collect)
-    assert [m.name for m in r.collect()] == ["resident"]
-    assert g.get(("0",)) == 1
-    sizes["0"] = 7
-    r.collect()
-    assert g.get(("0",)) == 7
-    r.remove_collector(collect)
-    sizes["0"] = 9
-    r.collect()
-    assert g.get(("0",)) == 7
+
+def test_scrape_time_gauges_read_the_runtime_at_every_scrape() -> None:
+    m = RouterMetrics()
+    lag = [7]
+    m.watch_partitions(lambda: [PartitionGauges(0, lag[0], 3, 1.23456, 2, 0.5), PartitionGauges(1, 0, 1, 0, 0, 0)])
+    m.watch_open(lambda: {("sku", "stockout"): 2, ("shipment", "sla_at_risk"): 1})
+    r = m.registry
+    assert r.get_sample_value("ops_router_consumer_lag_messages", {"partition": "0"}) == 7
+    lag[0] = 9
+    assert r.get_sample_value("ops_router_consumer_lag_messages", {"partition": "0"}) == 9
+    assert r.get_sample_value("ops_router_resident_actors", {"partition": "1"}) == 1
+    assert r.get_sample_value("ops_router_snapshot_age_seconds", {"partition": "0"}) == 1.235
+    assert r.get_sample_value("ops_router_timers_due_soon", {"partition": "0"}) == 2
+    assert r.get_sample_value("ops_router_timer_backlog_seconds", {"partition": "0"}) == 0.5
+    assert r.get_sample_value("ops_router_open_exceptions", {"kind": "sku", "rule": "stockout"}) == 2
+    assert r.get_sample_value("ops_router_open_exceptions", {"kind": "shipment", "rule": "sla_at_risk"}) == 1
+
+
+def test_build_info_names_the_versions() -> None:
+    import platform
+
+    from router import __version__
+
+    (sample,) = [s for f in RouterMetrics().registry.collect() for s in f.samples if s.name == "ops_router_build_info"]
+    assert sample.value == 1
+    assert sample.labels["version"] == __version__
+    assert sample.labels["python"] == platform.python_version()
+    assert sample.labels["nats_py"].count(".") == 2
+
+
+def test_a_batch_reports_once_per_kind_and_its_time() -> None:
+    m = RouterMetrics()
+    meter = PartitionMeter(m, 3)
+    weights = applied_weights(KINDS)
+    reply = b"$JS.ACK.EVENTS.c.1.10.10.1700000000000000000.4"  # 4 pending
+    meter.batch(weights["sku"] * 5 + weights["campaign"] * 2, reply, 6, started=0.0)
+    meter.batch(0, b"", 0, started=0.0)  # a drain of pull statuses only: nothing observed
+    r = m.registry
+    assert r.get_sample_value("ops_router_events_applied_total", {"partition": "3", "kind": "sku"}) == 5
+    assert r.get_sample_value("ops_router_events_applied_total", {"partition": "3", "kind": "campaign"}) == 2
+    assert r.get_sample_value("ops_router_events_applied_total", {"partition": "3", "kind": "shipment"}) == 0
+    assert r.get_sample_value("ops_router_apply_batch_duration_seconds_count", {"partition": "3"}) == 1
+    assert meter.lag == 10
+    meter.snapshot_written(0.02)
+    assert r.get_sample_value("ops_router_snapshot_duration_seconds_count", {"partition": "3"}) == 1
+    assert r.get_sample_value("ops_router_snapshot_duration_seconds_sum", {"partition": "3"}) == 0.02
 
 
 @pytest.mark.parametrize("counts", [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (5, 0, 3), (2_000_000, 600_000, 1)])
@@ -67,14 +98,12 @@ def test_summary_reports_what_happened_since_the_last_line() -> None:
     now = [100.0]
     m = RouterMetrics()
     summary = Summary(m, clock=lambda: now[0])
-    m.events_applied.inc(("0", "sku"), 900)
-    m.events_applied.inc(("1", "shipment"), 100)
-    m.exceptions.inc(("sku", "stockout", "raised"), 3)
-    m.exceptions.inc(("sku", "stockout", "cleared"), 1)
-    m.dead_letters.inc(("malformed",), 2)
-    m.consumer_lag.set(("0",), 40)
-    m.consumer_lag.set(("1",), 2)
-    m.registry.add_collector(lambda: m.resident_actors.set(("0",), 12))
+    m.events_applied.labels("0", "sku").inc(900)
+    m.events_applied.labels("1", "shipment").inc(100)
+    m.exceptions.labels("sku", "stockout", "raised").inc(3)
+    m.exceptions.labels("sku", "stockout", "cleared").inc(1)
+    m.dead_letters.labels("malformed").inc(2)
+    m.watch_partitions(lambda: [PartitionGauges(0, 40, 12, 0, 0, 0), PartitionGauges(1, 2, 0, 0, 0, 0)])
     now[0] = 110.0
     assert summary.fields() == {
         "events_per_s": 100.0,
@@ -86,7 +115,7 @@ def test_summary_reports_what_happened_since_the_last_line() -> None:
         "resident_actors": 12,
         "interval_s": 10.0,
     }
-    m.events_applied.inc(("0", "sku"), 50)
+    m.events_applied.labels("0", "sku").inc(50)
     now[0] = 115.0
     fields = summary.fields()
     assert (fields["events"], fields["events_per_s"], fields["exceptions_raised"], fields["dead_letters"]) == (
@@ -95,17 +124,50 @@ def test_summary_reports_what_happened_since_the_last_line() -> None:
         0,
         0,
     )
+    assert total(m.events_applied, "ops_router_events_applied_total", kind="sku") == 950
 
 
-def test_exposition_is_prometheus_text() -> None:
+def test_exposition_is_prometheus_text_that_its_parser_reads() -> None:
     m = RouterMetrics()
-    m.events_applied.inc(("0", "sku"), 3)
-    m.dead_letters.inc(('say "hi"\\',))
-    m.last_snapshot_age.set(("0",), 1.5)
-    text = exposition(m.registry.collect())
-    assert "# TYPE router_events_applied_total counter\n" in text
-    assert 'router_events_applied_total{partition="0",kind="sku"} 3\n' in text
-    assert 'router_dead_letters_total{reason="say \\"hi\\"\\\\"} 1\n' in text
-    assert "# TYPE router_last_snapshot_age_seconds gauge\n" in text
-    assert 'router_last_snapshot_age_seconds{partition="0"} 1.5\n' in text
-    assert m.registry.check() == []
+    m.events_applied.labels("0", "sku").inc(3)
+    m.dead_letters.labels('say "hi"\\').inc()
+    m.end_to_end.observe(0.003)
+    m.end_to_end.observe(0.2)
+    body, content_type = exposition(m.registry)
+    assert content_type.startswith("text/plain; version=0.0.4")
+    text = body.decode()
+    assert "# TYPE ops_router_events_applied_total counter\n" in text
+    assert "_created" not in text  # one series per label set, not two
+    fams = families(m)
+    applied = fams["ops_router_events_applied"]
+    assert [(s.name, s.labels, s.value) for s in applied.samples] == [  # type: ignore[attr-defined]
+        ("ops_router_events_applied_total", {"partition": "0", "kind": "sku"}, 3.0)
+    ]
+    (dead,) = fams["ops_router_dead_letters"].samples  # type: ignore[attr-defined]
+    assert dead.labels == {"reason": 'say "hi"\\'}
+    hist = {s.name + s.labels.get("le", ""): s.value for s in fams["ops_router_end_to_end_latency_seconds"].samples}  # type: ignore[attr-defined]
+    assert hist["ops_router_end_to_end_latency_seconds_count"] == 2
+    assert hist["ops_router_end_to_end_latency_seconds_bucket0.005"] == 1
+    assert hist["ops_router_end_to_end_latency_seconds_bucket+Inf"] == 2
+    assert naming_problems(text) == []
+    body, content_type = m.exposition("application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text")
+    assert body.endswith(b"# EOF\n")
+
+
+def test_the_naming_check_finds_what_breaks_the_conventions() -> None:
+    bad = (
+        "# TYPE ops_router_events_total counter\nops_router_events_total 1\n"  # as it should be
+        "# TYPE ops_router_things_seen counter\nops_router_things_seen 1\n"  # a counter without _total
+        "# TYPE router_lag gauge\nrouter_lag 1\n"  # no prefix
+        "# TYPE ops_router_latency_ms gauge\nops_router_latency_ms 3\n"  # not a base unit
+        "# TYPE ops_router_things gauge\nops_router_things{key=\"SKU-1\"} 1\n"  # an entity key as a label
+        '# TYPE ops_router_total_seconds gauge\nops_router_total_seconds{sku="x"} 1\n'  # entity label name
+    )
+    problems = naming_problems(bad)
+    assert any("router_lag" in p and "prefix" in p for p in problems)
+    assert any("ops_router_latency_ms" in p and "unit" in p for p in problems)
+    assert any("key" in p for p in problems)
+    assert any("sku" in p for p in problems)
+    assert any("ops_router_things_seen" in p and "_total" in p for p in problems)
+    assert not any("ops_router_events" in p for p in problems)
