@@ -12,6 +12,8 @@ import msgspec
 from msgspec import Meta
 
 from contracts.secrets import check_secret_forms, given, redact_text, secret_forms
+from contracts.sources import EXAMPLE as SOURCE_EXAMPLE
+from contracts.sources import SourceConfig, compile_source
 
 DURATION_PATTERN: Final = r"^[0-9]+(\.[0-9]+)?(us|ms|s|m|h|d)$"
 Duration = Annotated[str, Meta(pattern=DURATION_PATTERN)]
@@ -141,6 +143,8 @@ class Config(_Section):
     router: RouterConfig = msgspec.field(default_factory=RouterConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     rules: RulesConfig = msgspec.field(default_factory=RulesConfig)
+    # Partner webhooks mapped onto events (contracts/sources.py), by source name.
+    sources: dict[str, SourceConfig] = {}
     # The folder relative paths are resolved against (the config file's folder).
     base_dir: str = msgspec.field(default="", name="__base_dir__")
 
@@ -224,6 +228,8 @@ _CARRIERS_EXAMPLE: Final = ', e.g. carriers = { SURFACE-CO = "24h", EXPRESS-CO =
 
 def _example(path: str) -> str:
     """An example for keys whose default is no example (a table)."""
+    if path == "sources" or path.startswith(("sources.", "sources[")):
+        return ", " + SOURCE_EXAMPLE
     if path == "rules.shipment.carriers" or path.startswith(("rules.shipment.carriers.", "rules.shipment.carriers[")):
         return _CARRIERS_EXAMPLE
     return ""
@@ -261,6 +267,7 @@ def config_from_dict(raw: dict[str, object], base_dir: str = "") -> Config:
     if "__base_dir__" in raw:
         raise ConfigError("__base_dir__: not a config key")
     _check_carriers(raw)
+    _check_sources_raw(raw)
     try:
         cfg = msgspec.convert({**raw, "__base_dir__": base_dir}, Config)
     except msgspec.ValidationError as exc:
@@ -273,6 +280,7 @@ def config_from_dict(raw: dict[str, object], base_dir: str = "") -> Config:
         _duration(f"rules.shipment.carriers.{carrier}", text, _CARRIERS_EXAMPLE, positive=True)
     _duration("rules.max_future_skew", cfg.rules.max_future_skew, ', e.g. max_future_skew = "1h"', positive=False)
     _check_lease(cfg)
+    _check_sources(cfg)
     url = cfg.nats.url.strip()
     if url != "embedded":
         for part in url.split(","):
@@ -284,6 +292,57 @@ def config_from_dict(raw: dict[str, object], base_dir: str = "") -> Config:
     if problem:
         raise ConfigError(problem)
     return cfg
+
+
+_SOURCE_NAME_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+
+
+def _check_sources_raw(raw: dict[str, object]) -> None:
+    """Name the source (and the field) msgspec would call `sources[...]`."""
+    sources = raw.get("sources")
+    if sources is None:
+        return
+    if not isinstance(sources, dict):
+        raise ConfigError(f"sources: a table of tables, {SOURCE_EXAMPLE}")
+    for name, table in sources.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"sources.{name}: a table, {SOURCE_EXAMPLE}")
+        for sub in ("fields", "types"):
+            entries = table.get(sub)
+            if isinstance(entries, dict):
+                for field, value in entries.items():
+                    if sub == "types" and not isinstance(value, str):
+                        raise ConfigError(f'sources.{name}.types.{field}: {_toml(value)} is not an event type string, e.g. {field} = "in_transit"')
+                    if not isinstance(value, (str, int, float, bool)):
+                        raise ConfigError(f'sources.{name}.fields.{field}: {_toml(value)} is not a path, template or value, e.g. {field} = "$.{field}"')
+        try:
+            msgspec.convert(table, SourceConfig)
+        except msgspec.ValidationError as exc:
+            text = str(exc)
+            missing = re.search(r"missing required field `([^`]*)`", text)
+            path = missing.group(1) if missing else _key_path(text)
+            raise ConfigError(f"sources.{name}.{path}: {_PATH_RE.sub('', text).strip()}, {SOURCE_EXAMPLE}") from None
+
+
+def _check_sources(cfg: Config) -> None:
+    """Each `[sources.<name>]` mapping compiles (paths, templates, types, times, signature)."""
+    for name, src in cfg.sources.items():
+        if not _SOURCE_NAME_RE.match(name):
+            raise ConfigError(
+                f"sources.{name}: {name!r} is not a source name: 1-64 of A-Z a-z 0-9 _ - "
+                "(it is the last part of POST /sources/<name>), e.g. [sources.shopify]"
+            )
+        try:
+            compile_source(name, src)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if given(src.signature_header) != bool(secret_forms(msgspec.structs.asdict(src), "secret")):
+            missing = "secret" if given(src.signature_header) else "signature_header"
+            raise ConfigError(
+                f"sources.{name}.{missing}: signature_header and a secret go together "
+                f'(e.g. signature_header = "X-Shopify-Hmac-Sha256", secret_env = "SHOPIFY_WEBHOOK_SECRET"); '
+                f"without both, POST /sources/{name} takes the ingest token instead"
+            )
 
 
 def _check_lease(cfg: Config) -> None:

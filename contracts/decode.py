@@ -8,7 +8,7 @@ from typing import Any, Final
 import msgspec
 
 from contracts.events import DECODERS, EVENT_TYPES, KEY_RE, KINDS
-from contracts.times import skew_text
+from contracts.times import skew_text, to_us
 
 BAD_SUBJECT: Final = "bad_subject"
 MALFORMED: Final = "malformed"
@@ -205,3 +205,29 @@ def future_ts(ts_us: int, stream_us: int, max_skew_us: int) -> str | None:
     if ahead > max_skew_us:
         return f"`$.ts` is {skew_text(ahead)} ahead of the stream time"
     return None
+
+
+def ingest_subject(kind: str, key: str) -> str:
+    """`events.<kind>.<key>` for a kind and key given apart (an HTTP path), or DecodeError
+    `bad_subject`: the subject check of `parse_subject`, with no token able to hide a dot
+    (`events.7.sku.X` from kind `7` and key `sku.X` would pass as a partitioned subject)."""
+    for what, token in (("kind", kind), ("key", key)):
+        if "." in token or not token:
+            raise DecodeError(BAD_SUBJECT, f"{what} {token!r} is not one subject token (1-128 of A-Z a-z 0-9 _ -)")
+    subject = f"events.{kind}.{key}"
+    parse_subject(subject)
+    return subject
+
+
+def check_ingest(kind: str, key: str, data: bytes, receipt_us: int, max_skew_us: int) -> Any:
+    """The event a producer sends over HTTP, checked as the router checks it when stored
+    (CONTRACT section 7): the subject, the payload (section 2 and 4's first reason), and the
+    future-`ts` guard against the time of receipt. DecodeError says why not."""
+    ingest_subject(kind, key)
+    event = decode_payload(kind, data)
+    ts = event.ts
+    if ts is not None:
+        detail = future_ts(to_us(ts), receipt_us, max_skew_us)
+        if detail is not None:
+            raise DecodeError(INVALID, detail.replace("the stream time", "the time of receipt"))
+    return event

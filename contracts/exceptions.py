@@ -62,6 +62,27 @@ def dead_letter_id(seq: int) -> str:
     return f"dead:{seq}"
 
 
+HEADER_OVERHEAD = len("NATS/1.0\r\n\r\n")
+
+
+def header_bytes(headers: dict[str, str]) -> int:
+    """The size of `headers` on the wire (`NATS/1.0`, one `Name: value` line each, the blank line)."""
+    return HEADER_OVERHEAD + sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
+
+
+def fit_dead_letter(data: bytes, headers: dict[str, str], max_payload: int) -> bytes:
+    """The bytes of a dead letter that fit the server's maximum payload with `headers`: when the
+    whole does not fit, adds `Router-Truncated: <original length>` to `headers` and cuts the
+    bytes (CONTRACT section 4)."""
+    hdr_len = header_bytes(headers)
+    if len(data) + hdr_len <= max_payload:
+        return data
+    trunc = str(len(data))
+    headers["Router-Truncated"] = trunc
+    hdr_len += len("Router-Truncated") + len(trunc) + 4
+    return data[: max(0, max_payload - hdr_len - 64)]
+
+
 def effect_cause(msg_id: str) -> int | None:
     """The event sequence an effect's `Nats-Msg-Id` names (None for a timer's or a foreign id)."""
     if msg_id.startswith("dead:"):

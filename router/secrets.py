@@ -25,8 +25,8 @@ def resolve_secret(cfg: Config, section: str, name: str, env: Mapping[str, str] 
     value is the same as no value. The config loader already refused two forms at once.
     """
     table: object = cfg
-    for part in section.split("."):
-        table = getattr(table, part)
+    for part in section.split("."):  # `sources.<name>`: a table of a dict
+        table = table[part] if isinstance(table, dict) else getattr(table, part)
     inline = getattr(table, name, None)
     from_file = getattr(table, name + "_file", None)
     from_env = getattr(table, name + "_env", None)
@@ -75,6 +75,10 @@ def resolve_all(cfg: Config, env: Mapping[str, str] | None = None) -> dict[str, 
             value = getattr(struct, field.name)
             if isinstance(value, msgspec.Struct):
                 walk(value, f"{path}.{field.name}" if path else field.name)
+            elif isinstance(value, dict):  # [sources.<name>]
+                for name, table in value.items():
+                    if isinstance(table, msgspec.Struct):
+                        walk(table, f"{path}.{field.name}.{name}" if path else f"{field.name}.{name}")
             elif path and is_secret_key(field.name):
                 secret = resolve_secret(cfg, path, field.name, env)
                 if secret is not None:

@@ -22,7 +22,14 @@ import structlog
 from actors import Alert, Send, SetTimer
 from contracts.decode import subject_kind_token
 from contracts.events import encode_event
-from contracts.exceptions import ExceptionEvent, dead_letter_id, exception_id, exception_subject, message_id
+from contracts.exceptions import (
+    ExceptionEvent,
+    dead_letter_id,
+    exception_id,
+    exception_subject,
+    fit_dead_letter,
+    message_id,
+)
 from contracts.rules import SEVERITY
 from contracts.times import rfc3339
 from router.engine.ownership import LeaseLost
@@ -34,7 +41,6 @@ from router.metrics import RouterMetrics
 log = structlog.get_logger()
 
 _EXC_ENCODER: Final = msgspec.json.Encoder()
-_HDR_OVERHEAD: Final = len("NATS/1.0\r\n\r\n")
 
 Done = Callable[[], None]
 Schedule = Callable[[int, str, str, str], None]
@@ -220,13 +226,7 @@ class Outbox:
             "Router-Subject": subject,
             "Router-Seq": str(entry.seq),
         }
-        max_payload = self._publisher.max_payload
-        hdr_len = _HDR_OVERHEAD + sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
-        if len(data) + hdr_len > max_payload:
-            trunc = str(len(data))
-            headers["Router-Truncated"] = trunc
-            hdr_len += len("Router-Truncated") + len(trunc) + 4
-            data = data[: max(0, max_payload - hdr_len - 64)]
+        data = fit_dead_letter(data, headers, self._publisher.max_payload)
         self.dead_lettered += 1
         self._count(self._dead_letters, code)
         log.debug("dead_lettered", seq=entry.seq, subject=subject, error=code, detail=detail)
