@@ -136,6 +136,29 @@ class RulesConfig(_Section):
     campaign: CampaignRules = msgspec.field(default_factory=CampaignRules)
 
 
+class HttpConfig(_Section):
+    """`[http]`: the console and HTTP API served by `router run` (CONTRACT.md sections 6 and 7).
+
+    `listen` is "host:port" (an IPv6 host in brackets, "[::1]:8080"), or "off"; port 0 picks a
+    free port and the router writes the URL it serves to `<data>/http.url`. On an address that
+    is not loopback a `token` is required. `token` guards the page and the read API,
+    `ingest_token` (default: `token`) guards `POST /events`; both may be given as `_file` or
+    `_env` (contracts/secrets.py). `trusted_proxies`: the addresses whose `X-Forwarded-Proto`
+    and `X-Forwarded-For` are believed (a TLS-terminating reverse proxy on the same machine); a
+    request seen as https gets its session cookie marked `Secure`.
+    """
+
+    listen: str = "127.0.0.1:8080"
+    token: str | None = None
+    token_file: str | None = None
+    token_env: str | None = None
+    ingest_token: str | None = None
+    ingest_token_file: str | None = None
+    ingest_token_env: str | None = None
+    idempotency_ttl: Duration = "24h"
+    trusted_proxies: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1", "::1"])
+
+
 class Config(_Section):
     nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
     streams: StreamsConfig = msgspec.field(default_factory=StreamsConfig)
@@ -145,6 +168,7 @@ class Config(_Section):
     rules: RulesConfig = msgspec.field(default_factory=RulesConfig)
     # Partner webhooks mapped onto events (contracts/sources.py), by source name.
     sources: dict[str, SourceConfig] = {}
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     # The folder relative paths are resolved against (the config file's folder).
     base_dir: str = msgspec.field(default="", name="__base_dir__")
 
@@ -291,6 +315,7 @@ def config_from_dict(raw: dict[str, object], base_dir: str = "") -> Config:
     problem = check_secret_forms(raw) or _check_nats(raw.get("nats"), cfg.nats)
     if problem:
         raise ConfigError(problem)
+    _check_http(raw.get("http"), cfg.http)
     return cfg
 
 
@@ -343,6 +368,63 @@ def _check_sources(cfg: Config) -> None:
                 f'(e.g. signature_header = "X-Shopify-Hmac-Sha256", secret_env = "SHOPIFY_WEBHOOK_SECRET"); '
                 f"without both, POST /sources/{name} takes the ingest token instead"
             )
+
+
+_LISTEN_EXAMPLE: Final = 'e.g. listen = "127.0.0.1:8080", "[::1]:8080", "0.0.0.0:8080" (with a token), or "off"'
+_HOST_RE: Final = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+)$")
+
+
+def parse_listen(text: str) -> tuple[str, int] | None:
+    """`("127.0.0.1", 8080)` of `"127.0.0.1:8080"` (`"[::1]:8080"` gives `"::1"`), None for "off".
+
+    Raises ValueError with what is wrong (the caller names the key)."""
+    text = text.strip()
+    if text == "off":
+        return None
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not _HOST_RE.match(host) or not port_text.isdigit():
+        raise ValueError(f"{text!r} is not host:port or \"off\"")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"{text!r}: port {port} is above 65535")
+    return host.removeprefix("[").removesuffix("]"), port
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (as `parse_listen` gives it) is a loopback address."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_http(raw: object, h: HttpConfig) -> None:
+    table: dict[str, object] = raw if isinstance(raw, dict) else {}
+    try:
+        bound = parse_listen(h.listen)
+    except ValueError as exc:
+        raise ConfigError(f"http.listen: {exc}; {_LISTEN_EXAMPLE}") from None
+    _duration("http.idempotency_ttl", h.idempotency_ttl, ', e.g. idempotency_ttl = "24h"', positive=True)
+    for i, proxy in enumerate(h.trusted_proxies):
+        import ipaddress
+
+        try:
+            ipaddress.ip_network(proxy.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"http.trusted_proxies[{i}]: {proxy!r} is not an IP address or network, "
+                'e.g. trusted_proxies = ["127.0.0.1", "10.0.0.0/8"]'
+            ) from None
+    if bound is not None and not is_loopback(bound[0]) and not secret_forms(table, "token"):
+        raise ConfigError(
+            f"http.listen: {h.listen!r} is not a loopback address and no http.token is set: anyone who "
+            "reaches it could read every entity's state. Set a token (e.g. token_file = "
+            '"/run/secrets/router_http_token"), or listen on loopback (e.g. listen = "127.0.0.1:8080")'
+        )
 
 
 def _check_lease(cfg: Config) -> None:

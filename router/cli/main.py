@@ -43,7 +43,8 @@ from router.cli.store import add_store_commands
 def cmd_run(args: argparse.Namespace) -> int:
     import structlog
 
-    from router.engine.daemon import run
+    from router.engine.daemon import Service, run, wall_clock_us
+    from router.http.server import http_service
     from router.jetstream.embedded import EmbeddedServerError
     from router.logs import configure_logging
     from router.secrets import resolve_all
@@ -51,8 +52,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     resolve_all(cfg)  # a secret's file or variable missing: a config error now, not at connect
     configure_logging(args.log_level or cfg.log.level, args.log_format or cfg.log.format)
+    # Beside the engine, composed here (the engine imports none of them).
+    services: list[Service] = [s for s in (http_service(cfg),) if s is not None]
     try:
-        return int(run_async(run, cfg))
+        return int(run_async(run, cfg, wall_clock_us, services))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BaseException as exc:

@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from typing import Any
 
@@ -469,16 +469,26 @@ async def _close_nats(nc: NATS) -> None:
                 await nc.close()
 
 
-async def run(cfg: Config, clock: Callable[[], int] = wall_clock_us) -> int:
+# A service runs beside the router (the HTTP console, on-call): `router run` composes them, so
+# the engine imports none of them. Called as `await service(rt, task_status=...)` once the
+# Runtime is open (connected, streams ready, store open), before the partitions start; it calls
+# `task_status.started()` once it serves (a FatalError before that stops the start with its
+# message), then runs until cancelled, which happens after the router's graceful stop (final
+# snapshots written, the NATS connection still open). Started again after a store rebuild.
+Service = Callable[..., Coroutine[Any, Any, None]]
+
+
+async def run(cfg: Config, clock: Callable[[], int] = wall_clock_us, services: Sequence[Service] = ()) -> int:
     """`router run`: serve until SIGTERM/SIGINT; 0 after a clean stop, 1 on a fatal error.
 
     A snapshot store found damaged while the router runs (its first read error, wherever it
     happens) is moved aside and the router starts again, rebuilding from the stream, or
-    stops with a message when the stream no longer holds the whole history.
+    stops with a message when the stream no longer holds the whole history. `services` run
+    beside it (see `Service`).
     """
     rebuilding = False
     try:
-        while await _serve_until_stopped(cfg, clock, rebuilding):
+        while await _serve_until_stopped(cfg, clock, rebuilding, services):
             rebuilding = True
     except FatalError as exc:
         log.error("router_failed", error=str(exc))
@@ -486,7 +496,9 @@ async def run(cfg: Config, clock: Callable[[], int] = wall_clock_us) -> int:
     return 0
 
 
-async def _serve_until_stopped(cfg: Config, clock: Callable[[], int], rebuilding: bool) -> bool:
+async def _serve_until_stopped(
+    cfg: Config, clock: Callable[[], int], rebuilding: bool, services: Sequence[Service] = ()
+) -> bool:
     """One life of the runtime; True when it found its store damaged and moved it aside (start again)."""
     failure: BaseException | None = None
     damage: StoreDamagedError | None = None
@@ -502,6 +514,8 @@ async def _serve_until_stopped(cfg: Config, clock: Callable[[], int], rebuilding
 
             tg.start_soon(signals)
             try:
+                for service in services:
+                    await tg.start(service, rt)
                 await rt.serve()
             except BaseException as exc:  # (raised here, not wrapped in this task group's ExceptionGroup)
                 failure = find(exc, FatalError)

@@ -37,6 +37,7 @@ def make_config(url: str, data_dir: Path, **sections: dict[str, Any]) -> Config:
         "nats": {"url": url},
         "snapshots": {"path": str(data_dir / "router.db"), "every": "200ms"},
         "log": {"level": "warning"},
+        "http": {"listen": "127.0.0.1:0"},  # never the default 127.0.0.1:8080 (tests run in parallel)
     }
     for name, values in sections.items():
         if name == "rules":

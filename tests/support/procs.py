@@ -58,6 +58,8 @@ def write_config(path: Path, url: str, **sections: dict[str, Any]) -> Config:
         # The seeded workloads of these tests lie a day ahead (so that no timer fires during a
         # test): a skew guard of two days lets them through. A test of the guard sets its own.
         "rules": {"max_future_skew": "2d"},
+        # Never the default 127.0.0.1:8080: tests run in parallel (the URL is in data/http.url).
+        "http": {"listen": "127.0.0.1:0"},
     }
     for name, values in sections.items():
         tables.setdefault(name, {}).update(values)
