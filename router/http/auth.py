@@ -35,7 +35,9 @@ SESSION_S: Final = 12 * 3600
 
 
 def _same(given: str, expected: str) -> bool:
-    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape"))
+    return hmac.compare_digest(
+        given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape")
+    )
 
 
 class Auth:
@@ -84,7 +86,9 @@ class Auth:
         """Bearer token or a valid session cookie (always, when no token is set)."""
         if self.token is None:
             return True
-        return self.token_matches(self.bearer(request.headers)) or self.session_valid(request.cookies.get(COOKIE))
+        return self.token_matches(self.bearer(request.headers)) or self.session_valid(
+            request.cookies.get(COOKIE)
+        )
 
     def may_ingest(self, request: Request) -> bool:
         """`Authorization: Bearer <ingest_token>` (always, when neither token is set)."""
@@ -102,9 +106,16 @@ class Auth:
 
 
 def _unauthorized(request: Request, ingest: bool) -> Response:
-    what = "Authorization: Bearer <ingest_token>" if ingest else "Authorization: Bearer <token> or a session (log in at /)"
-    return JSONResponse({"error": "unauthorized", "detail": f"this path needs {what}"}, status_code=401,
-                        headers={"WWW-Authenticate": 'Bearer realm="ops-router"'})
+    what = (
+        "Authorization: Bearer <ingest_token>"
+        if ingest
+        else "Authorization: Bearer <token> or a session (log in at /)"
+    )
+    return JSONResponse(
+        {"error": "unauthorized", "detail": f"this path needs {what}"},
+        status_code=401,
+        headers={"WWW-Authenticate": 'Bearer realm="ops-router"'},
+    )
 
 
 class AuthMiddleware:

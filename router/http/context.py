@@ -25,12 +25,20 @@ class HttpContext:
     auth: Auth
     stopping: anyio.Event = field(default_factory=anyio.Event)
     url: str = ""  # the URL served, once bound
+    # Starts a task that lives as long as the server (not a request): `ctx.spawn(fn, *args)`.
+    spawn: Callable[..., Any] = field(default=lambda *_: None)
     # Per module, anything it wants to keep for the server's life (e.g. a feed's subscription).
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-def route(path: str, endpoint: Callable[..., Any], *, methods: Sequence[str] = ("GET",), access: Access = "read",
-          name: str | None = None) -> Route:
+def route(
+    path: str,
+    endpoint: Callable[..., Any],
+    *,
+    methods: Sequence[str] = ("GET",),
+    access: Access = "read",
+    name: str | None = None,
+) -> Route:
     """A Starlette route that `AuthMiddleware` guards with `access` (see router.http)."""
     r = Route(path, endpoint, methods=list(methods), name=name)
     r.access = access  # type: ignore[attr-defined]

@@ -1,13 +1,49 @@
-"""The read API: /healthz, /readyz (CONTRACT.md section 7)."""
+"""The read API: /healthz, /readyz, /state/<kind>/<key>, /metrics (CONTRACT.md section 7).
+
+/state answers section 5's reply: from this process (router.engine.queries.state_reply) when
+it runs the key's partition, else by asking its owner on `router.state.<kind>.<key>`. A kind
+or key section 1 does not allow is `400 {"error": "bad_subject", "detail": ...}`; a key never
+seen is `200` with `seq` 0 (never 404); no owner answering is `503` with `Retry-After`.
+"""
 
 from __future__ import annotations
 
+from typing import Any, Final
+
+import msgspec
+import structlog
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 
+import actors
+from contracts import KEY_RE
 from router import health as health_model
+from router.engine.queries import state_reply
 from router.http.context import HttpContext, route
+from router.jetstream.streams import partition_of
+from router.metrics import exposition
+from snapshots import StoreDamagedError
+
+log = structlog.get_logger()
+
+PROMETHEUS_TEXT: Final = "text/plain; version=0.0.4; charset=utf-8"
+STATE_TIMEOUT_S: Final = 3.0
+_ENC: Final = msgspec.json.Encoder()
+_DEC: Final = msgspec.json.Decoder(dict[str, Any])
+
+
+class _Json(Response):
+    media_type = "application/json"
+
+
+def json_bytes(body: bytes, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return _Json(body, status_code=status_code, headers=headers)
+
+
+def error(status: int, code: str, detail: str, retry_after: int | None = None) -> Response:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
 def routes(ctx: HttpContext) -> list[BaseRoute]:
@@ -29,15 +65,59 @@ def routes(ctx: HttpContext) -> list[BaseRoute]:
             "nats": h.nats,
             "role": h.role,
             "partitions": [
-                {"partition": p.partition, "caught_up": p.caught_up, "applied_seq": p.applied_seq, "lag": p.lag}
+                {
+                    "partition": p.partition,
+                    "caught_up": p.caught_up,
+                    "applied_seq": p.applied_seq,
+                    "lag": p.lag,
+                }
                 for p in h.partitions
             ],
         }
         return JSONResponse(body, status_code=200 if ready else 503, headers={"Cache-Control": "no-store"})
 
+    async def state(request: Request) -> Response:
+        kind, key = request.path_params["kind"], request.path_params["key"]
+        if kind not in actors.ACTORS or KEY_RE.match(key) is None:
+            return error(
+                400,
+                "bad_subject",
+                f"expected /state/<sku|shipment|campaign>/<key> with a key of 1-128 of A-Z a-z 0-9 _ -, "
+                f"got /state/{kind[:40]}/{key[:140]}",
+            )
+        partition = partition_of(key, ctx.cfg.router.partitions)
+        if rt.owns(partition) and len(rt.partitions) == ctx.cfg.router.partitions:
+            try:
+                body = await state_reply(rt.partitions, rt.store, rt.thresholds, kind, key)
+            except StoreDamagedError as exc:
+                rt.store_damaged(exc)
+                return error(503, "store_damaged", "the snapshot store is being rebuilt; try again", 5)
+            return json_bytes(_ENC.encode(body))
+        try:
+            reply = await ctx.nc.request(f"router.state.{kind}.{key}", b"", timeout=STATE_TIMEOUT_S)
+        except Exception as exc:
+            log.debug("http_state_forward_failed", kind=kind, partition=partition, error=repr(exc))
+            return error(
+                503, "unavailable", f"no router answered for partition {partition} ({type(exc).__name__})", 2
+            )
+        try:
+            forwarded = _DEC.decode(reply.data)
+        except msgspec.DecodeError:
+            return error(502, "bad_reply", "the owner's reply is not a JSON object")
+        if "error" in forwarded:
+            return error(502, "owner_failed", str(forwarded["error"]))
+        return json_bytes(reply.data)
+
+    async def metrics(request: Request) -> Response:
+        """Prometheus text exposition of the router's registry."""
+        text = exposition(rt.metrics.registry.collect())
+        return Response(text, media_type=PROMETHEUS_TEXT, headers={"Content-Type": PROMETHEUS_TEXT})
+
     return [
         route("/healthz", healthz, access="public"),
         route("/readyz", readyz, access="public"),
+        route("/state/{kind}/{key}", state),
+        route("/metrics", metrics),
     ]
 
 

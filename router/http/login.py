@@ -65,15 +65,21 @@ def routes(ctx: HttpContext) -> list[BaseRoute]:
             return login_page("That is not the token.", 401)
         response = RedirectResponse("/", status_code=303)
         response.set_cookie(
-            COOKIE, auth.new_session(), max_age=SESSION_S, path="/", httponly=True, samesite="strict",
+            COOKIE,
+            auth.new_session(),
+            max_age=SESSION_S,
+            path="/",
+            httponly=True,
+            samesite="strict",
             secure=request.url.scheme == "https",
         )
         return response
 
     async def post_logout(request: Request) -> Response:
         response = RedirectResponse("/", status_code=303)
-        response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict",
-                               secure=request.url.scheme == "https")
+        response.delete_cookie(
+            COOKIE, path="/", httponly=True, samesite="strict", secure=request.url.scheme == "https"
+        )
         return response
 
     return [

@@ -114,9 +114,8 @@ async def serve(rt: Runtime, auth: Auth, *, task_status: Any = anyio.TASK_STATUS
     cfg = rt.cfg
     sock = bind(cfg.http.listen)
     ctx = HttpContext(rt=rt, cfg=cfg, nc=rt.nc, auth=auth, url=served_url(sock))
-    app = build_app(ctx)
     config = uvicorn.Config(
-        app,
+        build_app(ctx),
         http="h11",
         ws="none",
         lifespan="off",
@@ -144,6 +143,7 @@ async def serve(rt: Runtime, auth: Auth, *, task_status: Any = anyio.TASK_STATUS
 
     path = url_file(cfg.data_dir)
     async with anyio.create_task_group() as tg:
+        ctx.spawn = tg.start_soon
         tg.start_soon(run_server)
         try:
             with anyio.move_on_after(10):

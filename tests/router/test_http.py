@@ -42,7 +42,9 @@ def wait_status(client: httpx.Client, path: str, status: int, timeout: float = 2
 
 
 @contextlib.contextmanager
-def served(tmp_path: Path, url: str, **sections: dict[str, Any]) -> Iterator[tuple[RouterProcess, httpx.Client]]:
+def served(
+    tmp_path: Path, url: str, **sections: dict[str, Any]
+) -> Iterator[tuple[RouterProcess, httpx.Client]]:
     """A router process serving HTTP on a free port, and a client for it."""
     config = tmp_path / "config.toml"
     write_config(config, url, **sections)
@@ -95,7 +97,9 @@ def test_listen_forms_that_are_accepted() -> None:
     cfg = config_from_dict({"http": {"listen": "0.0.0.0:8080", "token_env": "ROUTER_HTTP_TOKEN"}})
     assert cfg.http.listen == "0.0.0.0:8080"
     assert config_from_dict({}).http.listen == "127.0.0.1:8080"
-    with pytest.raises(ConfigError, match=r'http.idempotency_ttl: "soon" is not a duration.*e.g. idempotency_ttl = "24h"'):
+    with pytest.raises(
+        ConfigError, match=r'http.idempotency_ttl: "soon" is not a duration.*e.g. idempotency_ttl = "24h"'
+    ):
         config_from_dict({"http": {"idempotency_ttl": "soon"}})
     with pytest.raises(ConfigError, match=r"http.trusted_proxies\[0\]: 'proxy' is not an IP address"):
         config_from_dict({"http": {"trusted_proxies": ["proxy"]}})
@@ -105,11 +109,17 @@ def test_non_loopback_without_token_refuses_to_start(tmp_path: Path, nats_server
     config = tmp_path / "config.toml"
     config.write_text(f'[nats]\nurl = "{nats_server.url}"\n[http]\nlisten = "0.0.0.0:0"\n')
     proc = subprocess.run(
-        [router_executable(), "run", "--config", str(config)], capture_output=True, text=True, timeout=30,
+        [router_executable(), "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
         cwd=tmp_path,
     )
     assert proc.returncode == 2, proc.stderr
-    assert "config error: http.listen: '0.0.0.0:0' is not a loopback address and no http.token is set" in proc.stderr
+    assert (
+        "config error: http.listen: '0.0.0.0:0' is not a loopback address and no http.token is set"
+        in proc.stderr
+    )
     assert "anyone who reaches it could read every entity's state" in proc.stderr
 
 
