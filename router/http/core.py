@@ -22,12 +22,10 @@ from router import health as health_model
 from router.engine.queries import state_reply
 from router.http.context import HttpContext, route
 from router.jetstream.streams import partition_of
-from router.metrics import exposition
 from snapshots import StoreDamagedError
 
 log = structlog.get_logger()
 
-PROMETHEUS_TEXT: Final = "text/plain; version=0.0.4; charset=utf-8"
 STATE_TIMEOUT_S: Final = 3.0
 _ENC: Final = msgspec.json.Encoder()
 _DEC: Final = msgspec.json.Decoder(dict[str, Any])
@@ -109,9 +107,9 @@ def routes(ctx: HttpContext) -> list[BaseRoute]:
         return json_bytes(reply.data)
 
     async def metrics(request: Request) -> Response:
-        """Prometheus text exposition of the router's registry."""
-        text = exposition(rt.metrics.registry.collect())
-        return Response(text, media_type=PROMETHEUS_TEXT, headers={"Content-Type": PROMETHEUS_TEXT})
+        """Prometheus text exposition of the router's registry (OpenMetrics when the scraper asks)."""
+        body, content_type = rt.metrics.exposition(request.headers.get("accept", ""))
+        return Response(body, headers={"Content-Type": content_type})
 
     return [
         route("/healthz", healthz, access="public"),
