@@ -11,6 +11,7 @@ from typing import Annotated, Final, Literal
 import msgspec
 from msgspec import Meta
 
+from contracts.oncall import OncallConfig, check_oncall
 from contracts.secrets import check_secret_forms, given, redact_text, secret_forms
 from contracts.sources import EXAMPLE as SOURCE_EXAMPLE
 from contracts.sources import SourceConfig, compile_source
@@ -169,6 +170,7 @@ class Config(_Section):
     # Partner webhooks mapped onto events (contracts/sources.py), by source name.
     sources: dict[str, SourceConfig] = {}
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    oncall: OncallConfig = msgspec.field(default_factory=OncallConfig)
     # The folder relative paths are resolved against (the config file's folder).
     base_dir: str = msgspec.field(default="", name="__base_dir__")
 
@@ -312,7 +314,7 @@ def config_from_dict(raw: dict[str, object], base_dir: str = "") -> Config:
                 raise ConfigError(
                     f"nats.url: {redact_text(part.strip())!r} is not 'embedded' or a nats://host:port URL"
                 )
-    problem = check_secret_forms(raw) or _check_nats(raw.get("nats"), cfg.nats)
+    problem = check_secret_forms(raw) or _check_nats(raw.get("nats"), cfg.nats) or check_oncall(cfg.oncall)
     if problem:
         raise ConfigError(problem)
     _check_http(raw.get("http"), cfg.http)

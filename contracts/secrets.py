@@ -2,9 +2,9 @@
 
 Pure code (no I/O): reading a `<key>_file` or `<key>_env` is `router.secrets.resolve_secret`.
 
-A secret key (`password`, `token`, `ingest_token`, `nkey_seed`, `secret`, and any key whose name ends in
-`_password`, `_token`, `_secret` or `_seed`) may be given in one of three forms (CONTRACT.md
-section 6):
+A secret key (`password`, `token`, `ingest_token`, `nkey_seed`, `secret`, `routing_key`, and any key
+whose name ends in `_password`, `_token`, `_secret` or `_seed`) may be given in one of three forms
+(CONTRACT.md section 6):
 
     password = "inline"              # in the file itself
     password_file = "secrets/nats"   # a file holding it (relative to the config file's folder)
@@ -27,7 +27,7 @@ from typing import Any, Final
 REDACTED: Final = "***"
 
 # Key names that are secrets wherever they appear in the config.
-SECRET_KEYS: Final = frozenset({"password", "token", "ingest_token", "nkey_seed", "secret"})
+SECRET_KEYS: Final = frozenset({"password", "token", "ingest_token", "nkey_seed", "secret", "routing_key"})
 _SECRET_SUFFIXES: Final = ("_password", "_token", "_secret", "_seed")
 # Names that hold secrets outside the config too (nats-py's CONNECT fields, HTTP headers).
 _ALSO_SECRET: Final = frozenset({"pass", "auth_token", "jwt", "sig", "nkeys_seed_str", "authorization"})

@@ -34,6 +34,7 @@ from router.cli.common import (
 )
 from router.cli.dlq import cmd_dlq, dead_letter_number
 from router.cli.health import add_parser as add_health_parser
+from router.cli.oncall import add_parser as add_oncall_parser
 from router.cli.redrive import field_setting, since_time
 from router.cli.store import add_store_commands
 
@@ -77,6 +78,8 @@ def _toml_value(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table (a [[...]] entry inside a list)
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None) + " }"
     raise TypeError(f"no TOML form for {value!r}")
 
 
@@ -359,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_dlq)
 
     add_health_parser(sub, client, argparse.RawDescriptionHelpFormatter)
+    add_oncall_parser(sub, client, argparse.RawDescriptionHelpFormatter)
 
     p = sub.add_parser(
         "schema",

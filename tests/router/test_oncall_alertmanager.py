@@ -1,0 +1,158 @@
+"""The on-call sink against a real Alertmanager (Debian's prometheus-alertmanager 0.25).
+
+The router and the sink run in this process against a real nats-server; Alertmanager runs as a
+subprocess with docs/alertmanager.yml (short group waits), and its API says what is active.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import hypothesis  # noqa: F401  (imported before the router's gc.freeze(); see tests/support/alertmanager.py)
+import pytest
+
+from contracts.config import Config
+from router.oncall.alerts import parse_time_us
+from router.oncall.sink import run_sink
+from router.oncall.status import read_status
+from tests.support.alertmanager import Alertmanager, by_labels, running_alertmanager
+from tests.support.harness import make_config, now_us, publish_all, running_router, wait_for
+from tests.support.natsserver import NatsServer
+from tests.support.oracle import read_stream
+
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def running_sink(cfg: Config) -> AsyncIterator[None]:
+    async with anyio.create_task_group() as tg:
+        await tg.start(run_sink, cfg)
+        try:
+            yield
+        finally:
+            tg.cancel_scope.cancel()
+
+
+def oncall_config(url: str, data: Path, am: Alertmanager, **oncall: Any) -> Config:
+    return make_config(url, data, oncall={
+        "alertmanager": am.url, "resend_every": "2s", "reconcile_every": "1s",
+        "console_url": "https://router.example.com", **oncall,
+    })
+
+
+async def alerts(am: Alertmanager) -> dict[tuple[str, ...], dict[str, Any]]:
+    return by_labels(await anyio.to_thread.run_sync(am.alerts))
+
+
+def sku(key: str, **payload: Any) -> tuple[str, bytes]:
+    return f"events.sku.{key}", json.dumps(payload).encode()
+
+
+async def test_raise_is_active_clear_resolves_and_stockout_inhibits_low_stock(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    with running_alertmanager(tmp_path / "am") as am:
+        cfg = oncall_config(nats_server.url, tmp_path / "data", am,
+                            runbooks={"stockout": "https://wiki.example.com/runbooks/stockout"})
+        async with running_router(cfg), running_sink(cfg):
+            await publish_all(nats_server.url, [sku("SKU-1", type="received", location="BLR-DS-4", qty=3)])
+            low = ("low_stock", "sku", "SKU-1", "BLR-DS-4")
+
+            async def low_active() -> bool:
+                a = (await alerts(am)).get(low)
+                return a is not None and a["status"]["state"] == "active"
+
+            await wait_for(low_active, 20, "low_stock active")
+            alert = (await alerts(am))[low]
+            raised = [json.loads(m.data) for m in await read_stream(nats_server.url, cfg.streams.exceptions)]
+            assert [e["rule"] for e in raised] == ["low_stock"]
+            assert alert["labels"] == {"alertname": "low_stock", "kind": "sku", "key": "SKU-1",
+                                       "location": "BLR-DS-4", "severity": "warning"}
+            assert alert["annotations"]["summary"] == raised[0]["message"]
+            assert alert["annotations"]["id"] == raised[0]["id"]
+            assert "runbook_url" not in alert["annotations"]
+            assert alert["generatorURL"] == "https://router.example.com/#/sku/SKU-1"
+            assert abs(parse_time_us(alert["startsAt"]) - parse_time_us(raised[0]["detected_at"])) < 1000
+
+            # Sold out: stockout fires and inhibits the low_stock of the same SKU and location.
+            await publish_all(nats_server.url, [sku("SKU-1", type="picked", location="BLR-DS-4", qty=3)])
+            stock = ("stockout", "sku", "SKU-1", "BLR-DS-4")
+
+            async def inhibited() -> bool:
+                got = await alerts(am)
+                return (
+                    stock in got and got[stock]["status"]["state"] == "active"
+                    and low in got and got[low]["status"]["state"] == "suppressed"
+                    and bool(got[low]["status"]["inhibitedBy"])
+                )
+
+            await wait_for(inhibited, 20, "stockout active, low_stock inhibited")
+            got = await alerts(am)
+            assert got[stock]["annotations"]["runbook_url"] == "https://wiki.example.com/runbooks/stockout"
+            assert got[stock]["labels"]["severity"] == "critical"
+
+            # Restocked: both clear, both resolve.
+            await publish_all(nats_server.url, [sku("SKU-1", type="received", location="BLR-DS-4", qty=50)])
+
+            async def resolved() -> bool:
+                return not (await alerts(am))
+
+            await wait_for(resolved, 20, "both resolved")
+
+            def status_says_sent() -> bool:  # (the file is rewritten every second)
+                status = read_status(cfg)
+                sent = status["targets"]["alertmanager"]["sent"] if status else {}
+                return bool(sent) and sent["open"] == 2 and sent["close"] == 2
+
+            await wait_for(status_says_sent, 10, "status file")
+            status = read_status(cfg)
+            assert status is not None
+            assert status["targets"]["alertmanager"]["failed"] == 0
+            assert status["targets"]["alertmanager"]["open"] == 0
+
+
+async def test_min_open_holds_back_a_flicker(nats_server: NatsServer, tmp_path: Path) -> None:
+    with running_alertmanager(tmp_path / "am") as am:
+        cfg = oncall_config(nats_server.url, tmp_path / "data", am, min_open={"low_stock": "3s"})
+        async with running_router(cfg), running_sink(cfg):
+            # SKU-F flickers: low for a moment, then restocked. SKU-S stays low.
+            await publish_all(nats_server.url, [
+                sku("SKU-F", type="received", location="DEL-WH-1", qty=2),
+                sku("SKU-S", type="received", location="DEL-WH-1", qty=2),
+                sku("SKU-F", type="received", location="DEL-WH-1", qty=40),
+            ])
+            seen: set[tuple[str, ...]] = set()
+            stay = ("low_stock", "sku", "SKU-S", "DEL-WH-1")
+            first_seen_us = 0
+
+            async def stays_active() -> bool:
+                nonlocal first_seen_us
+                got = await alerts(am)
+                seen.update(got)
+                if stay in got and not first_seen_us:
+                    first_seen_us = now_us()
+                return stay in got
+
+            await wait_for(stays_active, 20, "the lasting low_stock posted")
+            exc = {json.loads(m.data)["key"]: json.loads(m.data)
+                   for m in await read_stream(nats_server.url, cfg.streams.exceptions)
+                   if json.loads(m.data)["status"] == "raised"}
+            # Posted only once open for min_open, counted from detected_at.
+            assert first_seen_us >= parse_time_us(exc["SKU-S"]["detected_at"]) + 3_000_000
+            # The flicker (raised and cleared within min_open) was never posted at all.
+            assert ("low_stock", "sku", "SKU-F", "DEL-WH-1") not in seen
+
+            def status_says_sent() -> bool:  # (the file is rewritten every second)
+                status = read_status(cfg)
+                sent = status["targets"]["alertmanager"]["sent"] if status else {}
+                return bool(sent) and sent["open"] == 1
+
+            await wait_for(status_says_sent, 10, "status file")
+            status = read_status(cfg)
+            assert status is not None
+            assert status["targets"]["alertmanager"]["sent"]["close"] == 0
