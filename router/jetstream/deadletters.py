@@ -145,6 +145,14 @@ class RedriveLedger:
         """Delete a claim whose publish failed, so that the dead letter can be redriven again."""
         await self.kv.delete(record_key(dead_letter), last=last)
 
+    async def numbers(self) -> set[int]:
+        """The numbers of the dead letters with a record (one listing of the bucket's keys)."""
+        try:
+            keys = await self.kv.keys()
+        except Exception:  # nats-py raises NoKeysError on an empty bucket
+            return set()
+        return {int(k[3:]) for k in keys if k.startswith("dl.") and k[3:].isdigit()}
+
     async def all(self) -> dict[int, Redriven]:
         """Every record, by dead-letter number (the console marks redriven dead letters)."""
         out: dict[int, Redriven] = {}
