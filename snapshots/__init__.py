@@ -6,6 +6,7 @@ file that is not a usable store, `StoreFullError` for a write that found no room
 """
 
 from snapshots.errors import StoreDamagedError, StoreError, StoreFullError
+from snapshots.open_index import OpenRow, OpenRows
 from snapshots.store import (
     NO_TIMERS,
     ActorRecord,
@@ -20,6 +21,8 @@ __all__ = [
     "NO_TIMERS",
     "ActorRecord",
     "DueTimer",
+    "OpenRow",
+    "OpenRows",
     "PartitionMarks",
     "Store",
     "StoreDamagedError",

@@ -15,7 +15,7 @@ from typing import Final
 
 from snapshots.errors import StoreDamagedError, StoreError
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 # Stored in the SQLite header (offset 68), so a foreign SQLite file is told apart without a query.
 APPLICATION_ID: Final = 0x4F707352  # "OpsR"
 PAGE_SIZE: Final = 4096
@@ -27,8 +27,13 @@ REQUIRED: Final = {
     "actors": "table",
     "timers": "table",
     "timers_due": "index",
+    "open_exceptions": "table",
 }
 
+# open_exceptions is the open set (CONTRACT 5.1) of the stored actor states: one row per raise in
+# force, its payload as published, written in the same transaction as its actor's row (see
+# snapshots.open_index). `location` is '' for rules that are not location-scoped (a location is
+# never empty), so the primary key is the reply's sort order with null first.
 # timers is WITHOUT ROWID: its rows are small and the primary key is its only lookup, and
 # because it has no rowid its secondary index carries the primary key columns, so
 # (partition, deadline_us, kind, key, name) answers `due_timers` from the index alone, in
@@ -66,6 +71,17 @@ CREATE TABLE timers (
 ) WITHOUT ROWID;
 
 CREATE INDEX timers_due ON timers (partition, deadline_us);
+
+CREATE TABLE open_exceptions (
+    kind      TEXT NOT NULL,
+    key       TEXT NOT NULL,
+    rule      TEXT NOT NULL,
+    location  TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    severity  TEXT NOT NULL,
+    payload   TEXT NOT NULL,
+    PRIMARY KEY (kind, key, rule, location)
+) WITHOUT ROWID;
 """
 
 _MAGIC: Final = b"SQLite format 3\x00"

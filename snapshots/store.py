@@ -45,6 +45,7 @@ import msgspec
 from snapshots import _schema
 from snapshots._connection import READ_MMAP_BYTES, WRITER_NICENESS, Synchronous, configure, verify_schema
 from snapshots.errors import StoreDamagedError, StoreError, StoreFullError
+from snapshots.open_index import OpenRows, put_open
 
 __all__ = [
     "NO_TIMERS",
@@ -78,6 +79,8 @@ class ActorRecord(msgspec.Struct, frozen=True, gc=False):
     # Name -> deadline in epoch microseconds; they replace the actor's stored timers. None: the
     # actor's kind keeps no timers, so it has no timer rows to replace (a snapshot skips them).
     timers: Mapping[str, int] | None = NO_TIMERS
+    # Changes to the key's open exceptions, written with the state (snapshots.open_index); None: none.
+    open: OpenRows | None = None
 
 
 class PartitionMarks(NamedTuple):
@@ -420,6 +423,10 @@ class Store:
             problems.append(f"{moved} timers name a partition other than their actor's")
         return problems
 
+    def reader(self, op: str) -> contextlib.AbstractAsyncContextManager[aiosqlite.Connection]:
+        """The read connection for one read of `op` (snapshots.open_index): see `_reading`."""
+        return self._reading(op)
+
     # -- internals --------------------------------------------------------------------
 
     @asynccontextmanager
@@ -504,6 +511,7 @@ async def _put_actors(db: aiosqlite.Connection, partition: int, rows: Sequence[A
             await db.execute(_DELETE_TIMERS_OF, (_json_array(timed),))
         if timers:
             await db.execute(_PUT_TIMERS, (_json_array(timers), partition))
+        await put_open(db, partition, chunk)
 
 
 def _json_array(items: list[bytes]) -> str:

@@ -35,6 +35,7 @@ from router.cli.common import (
 from router.cli.dlq import cmd_dlq, dead_letter_number
 from router.cli.health import add_parser as add_health_parser
 from router.cli.oncall import add_parser as add_oncall_parser
+from router.cli.open import add_parser as add_open_parser
 from router.cli.redrive import field_setting, since_time
 from router.cli.store import add_store_commands
 
@@ -180,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  router watch                       # in a second terminal: exceptions as they fire\n"
             "  router simulate                    # in a third terminal: a brand's day at 200/s\n"
             "  router state sku SERUM-VITC-30     # one entity's live state\n"
+            "  router open --severity critical    # what is wrong right now\n"
             "\n"
             "Exit codes: 0 done, 1 runtime failure, 2 bad usage or config."
         ),
@@ -363,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_health_parser(sub, client, argparse.RawDescriptionHelpFormatter)
     add_oncall_parser(sub, client, argparse.RawDescriptionHelpFormatter)
+    add_open_parser(sub, client, argparse.RawDescriptionHelpFormatter)
 
     p = sub.add_parser(
         "schema",

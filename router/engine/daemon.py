@@ -20,6 +20,7 @@ from actors import Thresholds
 from contracts.config import Config, ConfigError, duration_us
 from contracts.secrets import redact
 from router import health as health_model
+from router.engine import open_query
 from router.engine.deps import PartitionDeps
 from router.engine.ownership import (
     DataDirBusy,
@@ -219,6 +220,18 @@ class Runtime:
 
     def owns(self, partition: int) -> bool:
         return self.holding.owns(partition)
+
+    async def open_counts(self, by: Sequence[str] = open_query.BOARD) -> dict[tuple[str | None, ...], int]:
+        """Open exceptions (CONTRACT 5.1) of the partitions this instance runs now, counted by the
+        columns `by`: any of "kind", "key", "rule", "location", "severity", in that tuple's order.
+        {(values...): count}; location None for rules without one; zero counts left out.
+
+        The page's board uses the default (severity, kind, rule, location), the metrics'
+        `open_exceptions{kind,rule}` gauge `open_query.BY_RULE`. Read from the stored open set
+        (one GROUP BY in SQLite) with the changes not yet stored laid over it: no actor is loaded,
+        so it is cheap enough for every scrape. Other instances count their own partitions."""
+        running = [p for p in list(self.partitions) if self.owns(p.index)]
+        return await open_query.counts(running, self.store, by)
 
     async def _own(self, leases: list[Lease], lost: anyio.Event) -> bool:
         """Run every partition under its lease: until a stop (graceful; True), or until a lease is

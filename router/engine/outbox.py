@@ -32,6 +32,7 @@ from contracts.exceptions import (
 )
 from contracts.rules import SEVERITY
 from contracts.times import rfc3339
+from router.engine.open_index import OpenIndex
 from router.engine.ownership import LeaseLost
 from router.jetstream.publisher import Fence, Publisher
 from router.jetstream.pull import reply_ts_ns
@@ -97,6 +98,8 @@ class Outbox:
         self.fence: Fence | None = None
         self.exceptions_sent = 0
         self.dead_lettered = 0
+        # Where raises and clears go besides EXCEPTIONS (router.engine.open_index; set by the Snapshotter).
+        self.open_index: OpenIndex | None = None
 
     # ------------------------------------------------------------------ tracking
 
@@ -178,9 +181,11 @@ class Outbox:
         event_ns = -1  # the event's JetStream timestamp (0: none, a timer's firing), read at the first alert
         for eff in effects:
             if type(eff) is Alert:
-                if not publish:
+                index = self.open_index
+                if not publish and index is None:
                     continue
                 exc_id = exception_id(kind, key, eff.rule, eff.location, eff.status, cause)
+                severity = SEVERITY[eff.rule]
                 payload = _EXC_ENCODER.encode(
                     ExceptionEvent(
                         id=exc_id,
@@ -188,7 +193,7 @@ class Outbox:
                         key=key,
                         rule=eff.rule,
                         status=eff.status,
-                        severity=SEVERITY[eff.rule],
+                        severity=severity,
                         location=eff.location,
                         value=eff.value,
                         threshold=eff.threshold,
@@ -198,6 +203,10 @@ class Outbox:
                         message=eff.message,
                     )
                 )
+                if index is not None:  # published or not (confirmed before a restart): it is in force
+                    index.note(kind, key, eff.rule, eff.location, eff.status == "raised", severity, payload)
+                if not publish:
+                    continue
                 self.exceptions_sent += 1
                 self._count(self._exceptions, kind, eff.rule, eff.status)
                 if event_ns < 0:

@@ -1,4 +1,4 @@
-"""Live read-only queries: `router.state.<kind>.<key>` and `router.health`."""
+"""Live read-only queries: `router.state.<kind>.<key>`, `router.exceptions.open` and `router.health`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from nats.aio.msg import Msg
 import actors
 from actors import Thresholds
 from contracts import KEY_RE
+from router.engine import open_query
 from router.engine.partition import Partition
 from router.engine.settings_list import settings_page
 from router.health import Health
@@ -42,6 +43,19 @@ async def state_reply(
     return {"kind": kind, "key": key, "seq": state.seq, "state": mod.view(state, thresholds), "exceptions": mod.raised(state)}
 
 
+async def open_reply(partitions: Sequence[Partition], store: Store, data: bytes) -> bytes:
+    """The `router.exceptions.open` reply of this instance for `partitions` (the ones it runs now):
+    CONTRACT 5.1's object, or `{"error": ...}` for a request the contract does not allow."""
+    try:
+        req = open_query.parse_request(data)
+        return await open_query.answer(partitions, store, partitions[0].cfg.router.partitions, req)
+    except open_query.BadRequest as exc:
+        return _ENC.encode({"error": str(exc)})
+    except Exception as exc:
+        log.error("open_query_failed", error=repr(exc))
+        return _ENC.encode({"error": f"open exceptions query failed: {exc!r}"})
+
+
 async def serve_queries(
     nc: NATS,
     partitions: Sequence[Partition],
@@ -55,7 +69,10 @@ async def serve_queries(
     *,
     task_status: Any = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Answer `router.state.<kind>.<key>` and `router.health` until cancelled.
+    """Answer `router.state.<kind>.<key>`, `router.exceptions.open` and `router.health` until cancelled.
+
+    `router.exceptions.open` is answered by every instance that runs partitions, each for those
+    it runs (router.engine.open_gather puts the replies together).
 
     Only the owner of a key's partition (`owns`) answers for it (the owner of partition 0 for a
     malformed subject and for `router.settings.list`), so a standby stays silent and a request
@@ -115,8 +132,19 @@ async def serve_queries(
         with contextlib.suppress(Exception):
             await nc.publish(msg.reply, _ENC.encode(body))
 
+    async def on_open(msg: Msg) -> None:
+        if not msg.reply:
+            return
+        running = [p for p in list(partitions) if owns(p.index)]
+        if not running:
+            return  # (standing by: the owners answer)
+        with contextlib.suppress(Exception):
+            await nc.publish(msg.reply, await open_reply(running, store, msg.data))
+
     subs = [
         await nc.subscribe("router.state.>", cb=on_state),
+        # No queue group: every instance answers for the partitions it runs (CONTRACT 5.1).
+        await nc.subscribe(open_query.SUBJECT, cb=on_open),
         await nc.subscribe("router.health", cb=on_health),
         await nc.subscribe(f"router.health.{instance}", cb=on_health),
         await nc.subscribe("router.settings.list", cb=on_settings_list),

@@ -22,13 +22,15 @@ from typing import Any, Final
 
 import anyio
 import anyio.lowlevel
+import msgspec
 import structlog
 
 import actors
 from router.engine.keyfilter import KeyFilter
+from router.engine.open_index import OpenIndex, View
 from router.engine.outbox import Outbox
 from router.engine.timers import Timers
-from snapshots import ActorRecord, Store, StoreFullError
+from snapshots import ActorRecord, OpenRows, Store, StoreFullError
 
 log = structlog.get_logger()
 
@@ -46,10 +48,13 @@ FULL_RETRY_MOST_S: Final = 30.0
 _TIMERS: Final = {kind: mod.timers if kind in actors.TIMED_KINDS else None for kind, mod in actors.ACTORS.items()}
 
 
-def record(k: Key, st: Any) -> ActorRecord:
-    """What the store keeps of an actor: its state, and its timers when its kind keeps any."""
+def record(k: Key, st: Any, open_rows: OpenRows | None = None) -> ActorRecord:
+    """What the store keeps of an actor: its state, its timers when its kind keeps any, and the
+    changes to its open exceptions (`open_rows`, see router.engine.open_index)."""
     timers = _TIMERS[k[0]]
-    return ActorRecord(k[0], k[1], st.seq, actors.encode_state(st), timers(st) if timers is not None else None)
+    return ActorRecord(
+        k[0], k[1], st.seq, actors.encode_state(st), timers(st) if timers is not None else None, open_rows
+    )
 
 
 class Snapshotter:
@@ -97,6 +102,13 @@ class Snapshotter:
         self.fence: Callable[[], None] | None = None
         self._job: tuple[set[Key], int, int] | None = None
         self._requested = anyio.Event()
+        # The partition's open exceptions: changed by the outbox, written with the actors here.
+        self.open = OpenIndex(index, resident)
+        outbox.open_index = self.open
+
+    def open_view(self) -> View:
+        """The open-set changes not in the store yet (for a query: see router.engine.open_query)."""
+        return self.open.view(self.dirty, self.writing)
 
     # ------------------------------------------------------------------ when
 
@@ -188,11 +200,12 @@ class Snapshotter:
             n = 0
             top = applied  # the highest sequence any stored state holds
             slice_end = time.perf_counter() + _SLICE_S
+            capture = self.open.capture
             for k in keys:
                 st = resident.get(k)
                 if st is None:
                     continue
-                rows.append(record(k, st))
+                rows.append(record(k, st, capture(k, st)))
                 if st.seq > top:
                     top = st.seq
                 n += 1
@@ -243,6 +256,7 @@ class Snapshotter:
     async def commit(self, rows: Sequence[ActorRecord], applied: int, effects: int) -> None:
         """The one write of a snapshot: states and marks in one transaction."""
         await self._store.write_snapshot(self._index, rows, applied_seq=applied, effects_seq=effects, fence=self.fence)
+        self.open.committed(rows)
 
     async def write_fired(self, rows: Sequence[ActorRecord]) -> None:
         """Store actors whose timer firings are confirmed (marks unchanged).
@@ -251,8 +265,16 @@ class Snapshotter:
         snapshot that is written stores it (newer, with marks that cover it)."""
         if not rows:
             return
+        # With the key's open-set changes up to now (see router.engine.open_index).
+        resident, capture = self._resident, self.open.capture
+        captured = []
+        for r in rows:
+            st = resident.get((r.kind, r.key))
+            captured.append(r if st is None else msgspec.structs.replace(r, open=capture((r.kind, r.key), st)))
+        rows = captured
         try:
             await self._store.write_actors(self._index, rows, fence=self.fence)
+            self.open.committed(rows)
         except StoreFullError as exc:
             self._no_room(exc, "fired timers")
 

@@ -9,6 +9,7 @@ included.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,8 @@ import actors
 from actors import Alert, Send, Thresholds
 from contracts.decode import DecodeError, decode_event
 from contracts.exceptions import exception_id
-from contracts.times import to_us
+from contracts.rules import SEVERITY
+from contracts.times import rfc3339, to_us
 
 
 @dataclass
@@ -38,6 +40,9 @@ class Expected:
     dead_letters: dict[int, str] = field(default_factory=dict)  # seq -> Router-Error
     message_ids: list[str] = field(default_factory=list)
     th: Thresholds = field(default_factory=Thresholds)  # for the state replies' `effective`
+    # The open exceptions (CONTRACT 5.1) by (kind, key, rule, location or ''): each the raise's
+    # payload (section 3.1) without `detected_at`, the one field a re-detection may change.
+    open: dict[tuple[str, str, str, str], dict[str, Any]] = field(default_factory=dict)
 
 
 def _ts_ns(msg: Any) -> int:
@@ -159,13 +164,33 @@ def fold(events: list[Stored], th: Thresholds, max_future_skew_us: int = HOUR_US
         exp.states[(kind, key)] = state
         for eff in effects:
             if isinstance(eff, Alert):
-                exp.exception_ids.append(
-                    exception_id(kind, key, eff.rule, eff.location, eff.status, str(m.seq))
-                )
+                exc_id = exception_id(kind, key, eff.rule, eff.location, eff.status, str(m.seq))
+                exp.exception_ids.append(exc_id)
+                entry = (kind, key, eff.rule, eff.location or "")
+                if eff.status == "raised":
+                    exp.open[entry] = {
+                        "id": exc_id, "kind": kind, "key": key, "rule": eff.rule, "status": "raised",
+                        "severity": SEVERITY[eff.rule], "location": eff.location, "value": eff.value,
+                        "threshold": eff.threshold, "seq": m.seq, "event_ts": rfc3339(ts_us), "message": eff.message,
+                    }
+                else:
+                    exp.open.pop(entry, None)
             elif isinstance(eff, Send):
                 etype = eff.event.__struct_config__.tag
                 exp.message_ids.append(f"msg:{kind}:{key}:{m.seq}:{etype}:{eff.kind}:{eff.key}")
+        if (kind == "shipment" and state.status == "delivered") or (kind == "campaign" and state.ended):
+            for entry in [e for e in exp.open if e[0] == kind and e[1] == key]:
+                del exp.open[entry]  # a finished entity's raises leave the open set
     return exp
+
+
+def open_entries(exp: Expected) -> list[dict[str, Any]]:
+    """The open set a fold implies, in reply order (kind, key, rule, location with null first)."""
+    return [json.loads(json.dumps(exp.open[e])) for e in sorted(exp.open)]
+
+
+def without_detected_at(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in e.items() if k != "detected_at"} for e in entries]
 
 
 def expected_reply(kind: str, key: str, state: Any, th: Thresholds | None = None) -> dict[str, Any]:
