@@ -2,6 +2,10 @@
 
 - `GET /`: the page (router/http/static/index.html); its script and style under
   `/console/static/`. No build step: the files are shipped in the package as they are.
+- `GET /console/board`: the open exceptions counted by severity, kind, rule and location, from
+  the open index (`Runtime.open_counts`: one GROUP BY, no actor loaded), for the board's
+  groups; the feed's raises and clears move them on between reads. An instance counts the
+  partitions it runs (`partitions` says which).
 - `GET /console/history/<kind>/<key>?limit=20`: the entity's last events from EVENTS
   (subject-filtered: `events.<kind>.<key>`, or `events.*.<kind>.<key>` when partitioned) and
   its last exceptions from EXCEPTIONS (`exceptions.<kind>.*.<key>`), oldest first.
@@ -65,6 +69,24 @@ def routes(ctx: HttpContext) -> list[BaseRoute]:
 
     async def page(request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers=_NO_STORE)
+
+    async def board(request: Request) -> Response:
+        """The open set counted by severity, kind, rule and location (the open index's GROUP BY)."""
+        h = ctx.rt.health()
+        try:
+            counts = await ctx.rt.open_counts()
+        except Exception as exc:
+            return _error(503, f"counting the open exceptions failed: {type(exc).__name__}: {exc}")
+        groups = [[*values, n] for values, n in sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))]
+        return JSONResponse(
+            {
+                "groups": groups,  # [severity, kind, rule, location or null, count]
+                "total": sum(counts.values()),
+                "partitions": sorted(p.partition for p in h.partitions),
+                "partition_count": cfg.router.partitions,
+            },
+            headers=_NO_STORE,
+        )
 
     async def history(request: Request) -> Response:
         kind, key = request.path_params["kind"], request.path_params["key"]
@@ -160,6 +182,7 @@ def routes(ctx: HttpContext) -> list[BaseRoute]:
 
     return [
         route("/", page),
+        route("/console/board", board),
         route("/console/history/{kind}/{key}", history),
         route("/console/deadletters", deadletters),
         Mount("/console/static", app=StaticFiles(directory=STATIC), name="console-static"),

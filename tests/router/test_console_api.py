@@ -67,6 +67,7 @@ def test_page_history_and_dead_letters(
                 ("events.sku.SKU-H", b'{"type":"picked","location":"L1","qty":"x"}'),  # invalid
                 ("events.sku.SKU-H", b'{"type":"warped"}'),  # unknown_type
                 ("events.sku.SKU-H", b"not json"),  # malformed
+                ("events.sku.SKU-O", b'{"type":"counted","location":"L1","on_hand":0}'),  # stays open
             ],
         )
         hist = wait_json(
@@ -94,6 +95,11 @@ def test_page_history_and_dead_letters(
         assert "bad_subject" in bad.json()["error"]
         assert client.get("/console/history/sku/SKU-H", params={"limit": "0"}).status_code == 400
 
+        board = wait_json(client, "/console/board", lambda b: b["total"] == 2)
+        assert board["groups"] == [["critical", "sku", "stockout", "L1", 1], ["warning", "sku", "low_stock", "L1", 1]]
+        assert board["partitions"] == [0]
+        assert board["partition_count"] == 1
+
         dead = wait_json(client, "/console/deadletters", lambda b: b["total"] == 3)
         assert dead["stream"] == "DEADLETTER"
         assert dead["by_reason"] == {"invalid": 1, "unknown_type": 1, "malformed": 1}
@@ -113,7 +119,7 @@ def test_page_history_and_dead_letters(
         capsys.readouterr()
         assert code == 0
         marked = client.get("/console/deadletters").json()["items"]
-        assert marked[2]["redriven"]["seq"] == 7
+        assert marked[2]["redriven"]["seq"] == 8
         assert marked[2]["redriven"]["state"] == "sent"
 
 
@@ -123,7 +129,7 @@ def test_console_routes_need_the_token(tmp_path: Path, nats_server: NatsServer) 
         login = client.get("/")
         assert login.status_code == 200
         assert "console.js" not in login.text  # the login page, not the console
-        for path in ("/console/history/sku/K", "/console/deadletters", "/console/static/console.js"):
+        for path in ("/console/history/sku/K", "/console/deadletters", "/console/board", "/console/static/console.js"):
             assert client.get(path).status_code == 401, path
         auth = {"Authorization": f"Bearer {TOKEN}"}
         assert "console.js" in client.get("/", headers=auth).text

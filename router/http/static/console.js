@@ -15,6 +15,8 @@
 
   const st = {
     open: new Map(),        // kind|key|rule|location -> the raise's payload
+    counts: new Map(),      // severity|kind|rule|location -> how many are open (the open index's)
+    countsNote: "",
     openTotal: 0,           // the server's count when the open set was read
     truncated: false,
     loaded: false,
@@ -82,7 +84,21 @@
   }
 
   // --- the open set ---------------------------------------------------------------------
+  const GROUP_FIELDS = ["severity", "kind", "rule", "location"];
+  const groupKey = (e) => GROUP_FIELDS.map((f) => e[f] ?? "").join("|");
+
+  async function loadBoard() {
+    const r = await getJSON("/console/board");
+    const counts = new Map();
+    for (const [severity, kind, rule, location, n] of r.groups || []) {
+      counts.set(groupKey({ severity, kind, rule, location }), n);
+    }
+    return { counts, note: r.partitions && r.partitions.length < r.partition_count
+      ? `counts of partitions ${r.partitions.join(", ")} of ${r.partition_count}` : "" };
+  }
+
   async function loadOpen() {
+    const board = await loadBoard();
     const open = new Map();
     let after = null;
     let total = 0;
@@ -97,6 +113,8 @@
       pages += 1;
     } while (after && pages < 20);
     st.open = open;
+    st.counts = board.counts;
+    st.countsNote = board.note;
     st.openTotal = total;
     st.truncated = Boolean(after);
     st.loaded = true;
@@ -108,8 +126,18 @@
 
   function applyException(e) {
     const k = keyOf(e);
-    if (e.status === "raised") st.open.set(k, e);
-    else if (e.status === "cleared") st.open.delete(k);
+    const g = groupKey(e);
+    if (e.status === "raised") {
+      if (!st.open.has(k)) st.counts.set(g, (st.counts.get(g) || 0) + 1);
+      st.open.set(k, e);
+    } else if (e.status === "cleared") {
+      if (st.open.has(k) || st.truncated) {
+        const n = (st.counts.get(g) || 0) - 1;
+        if (n > 0) st.counts.set(g, n);
+        else st.counts.delete(g);
+      }
+      st.open.delete(k);
+    }
   }
 
   let boardQueued = false;
@@ -122,18 +150,19 @@
     });
   }
 
-  function groupCounts(items, field) {
+  function groupCounts(field) {
+    const i = GROUP_FIELDS.indexOf(field);
     const counts = new Map();
-    for (const e of items) {
-      const v = e[field] ?? "(none)";
-      counts.set(v, (counts.get(v) || 0) + 1);
+    for (const [g, n] of st.counts) {
+      const v = g.split("|")[i] || "(none)";
+      counts.set(v, (counts.get(v) || 0) + n);
     }
     return [...counts.entries()].sort((a, b) => b[1] - a[1] || String(a[0]).localeCompare(String(b[0])));
   }
 
-  function renderGroup(field, items) {
+  function renderGroup(field) {
     const ul = $(`g-${field}`);
-    const rows = groupCounts(items, field).slice(0, 12);
+    const rows = groupCounts(field).slice(0, 12);
     ul.replaceChildren(
       ...rows.map(([value, n]) => {
         const sel = st.filter && st.filter.field === field && st.filter.value === value;
@@ -171,7 +200,7 @@
 
   function renderBoard() {
     const all = [...st.open.values()];
-    for (const f of ["severity", "kind", "rule", "location"]) renderGroup(f, all);
+    for (const f of GROUP_FIELDS) renderGroup(f);
     const shown = st.filter ? all.filter((e) => (e[st.filter.field] ?? "(none)") === st.filter.value) : all;
     shown.sort(
       (a, b) =>
@@ -187,8 +216,11 @@
     const filter = $("filter");
     filter.hidden = !st.filter;
     if (st.filter) filter.firstElementChild.textContent = `${st.filter.field}: ${st.filter.value} (${fmt(shown.length)})`;
-    setText("c-open", fmt(all.length));
-    $("board-note").textContent = st.truncated ? `first ${fmt(all.length)} of ${fmt(st.openTotal)}` : "";
+    let total = 0;
+    for (const n of st.counts.values()) total += n;
+    setText("c-open", fmt(total));
+    $("board-note").textContent = [st.truncated ? `listing the first ${fmt(all.length)} of ${fmt(st.openTotal)}` : "",
+      st.countsNote].filter(Boolean).join("; ");
   }
 
   // --- the live feed --------------------------------------------------------------------
@@ -242,7 +274,9 @@
   async function checkOpenCount() {
     if (!st.loaded || st.truncated) return;
     const r = await getJSON("/exceptions/open?limit=1");
-    if (r.total !== st.open.size) resyncSoon();
+    let counted = 0;
+    for (const n of st.counts.values()) counted += n;
+    if (r.total !== st.open.size || (!st.countsNote && r.total !== counted)) resyncSoon();
   }
 
   let resyncTimer = null;
