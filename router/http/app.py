@@ -8,7 +8,7 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
 
-from router.http import console, core, feed, login
+from router.http import console, core, feed, ingest, login, sources
 from router.http.auth import AuthMiddleware
 from router.http.context import HttpContext, RouteModule, route
 
@@ -21,7 +21,7 @@ def route_modules() -> list[RouteModule]:
     To add routes: write `routes(ctx: HttpContext) -> list[BaseRoute]` in a module of this
     package (routes made with `router.http.context.route`) and name it here.
     """
-    return [core.routes, feed.routes, login.routes, console.routes]
+    return [core.routes, feed.routes, login.routes, console.routes, ingest.routes, sources.routes]
 
 
 def build_app(ctx: HttpContext, modules: Sequence[RouteModule] | None = None) -> ASGIApp:

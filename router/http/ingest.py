@@ -1,0 +1,296 @@
+"""HTTP ingestion (CONTRACT.md section 7): `POST /events/<kind>/<key>` and the NDJSON batch `POST /events`.
+
+Every event is checked exactly as the router checks it once stored (`contracts.decode.check_ingest`:
+the subject, the payload, the future-`ts` guard against the time of receipt) before anything is
+stored; then published into EVENTS with a JetStream publish of the body's bytes, unchanged, and
+answered only after the PubAck. An `Idempotency-Key` makes the `Nats-Msg-Id`
+`http:<kind>:<key>:<Idempotency-Key>` and is remembered for `[http] idempotency_ttl`
+(router.jetstream.idempotency), so a retry hours later is answered with the first copy's seq.
+
+Statuses: 202 `{"seq", "duplicate"}`; 400 `{"error", "detail"}` (a dead-letter code of section 4,
+or `bad_idempotency_key`), nothing stored; 413 over the server's maximum payload; 503 with
+`Retry-After` when NATS is away or the publish was not acknowledged (nothing claimed stored).
+
+The batch form takes NDJSON lines `{"kind", "key", "event", "idempotency_key"?}` (`event` is the
+payload object; its bytes as written in the line are what is stored) and answers `200` with
+NDJSON, one line per input line in the same order: `{"line": N, "status": 202, "seq",
+"duplicate"}` or `{"line": N, "status": 400|413|503, "error", "detail"}`. Lines are published
+concurrently (several keys at once); two lines for one key are published one after the other,
+in line order, so their stream order is the batch's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+import msgspec
+import structlog
+from nats.aio.client import Client as NATS
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute
+
+from contracts.config import Config, duration_us
+from contracts.decode import BAD_SUBJECT, INVALID, MALFORMED, DecodeError, check_ingest, ingest_subject
+from contracts.exceptions import header_bytes
+from contracts.sources import IDEMPOTENCY_RE
+from router.jetstream.idempotency import IdempotencyStore, IdempotencyUnavailable, bucket_name
+
+if TYPE_CHECKING:
+    from router.http.context import HttpContext
+
+log = structlog.get_logger()
+
+# How long a publish waits for its PubAck before the answer is 503.
+PUBLISH_TIMEOUT_S: Final = 5.0
+RETRY_AFTER_S: Final = 2
+# The batch form: at most this many bytes and lines in one request (larger: 413), and this
+# many publishes in flight at once.
+BATCH_MAX_BYTES: Final = 32 * 1024 * 1024
+BATCH_MAX_LINES: Final = 20_000
+BATCH_CONCURRENCY: Final = 128
+BAD_IDEMPOTENCY_KEY: Final = "bad_idempotency_key"
+NDJSON: Final = "application/x-ndjson"
+
+
+@dataclass
+class Outcome:
+    """What one event's ingestion came to: its HTTP status and body."""
+
+    status: int
+    seq: int | None = None
+    duplicate: bool = False
+    error: str | None = None
+    detail: str | None = None
+
+    def body(self) -> dict[str, Any]:
+        if self.status == 202:
+            return {"seq": self.seq, "duplicate": self.duplicate}
+        return {"error": self.error, "detail": self.detail}
+
+
+def unavailable(detail: str) -> Outcome:
+    return Outcome(503, error="unavailable", detail=detail)
+
+
+def too_large(size: int, limit: int) -> Outcome:
+    return Outcome(413, error="too_large", detail=f"{size} bytes with headers; the NATS server takes at most {limit}")
+
+
+def idempotency_problem(value: str) -> str | None:
+    if IDEMPOTENCY_RE.match(value):
+        return None
+    return f"Idempotency-Key must be 1-128 printable ASCII characters, got {len(value)} characters"
+
+
+class Ingestor:
+    """Checks, publishes and remembers; shared by `/events`, its batch form and `/sources/<name>`."""
+
+    def __init__(self, nc: NATS, cfg: Config, store: IdempotencyStore | None = None) -> None:
+        self.nc = nc
+        self.cfg = cfg
+        self.js = nc.jetstream(timeout=PUBLISH_TIMEOUT_S)
+        self.max_skew_us = duration_us(cfg.rules.max_future_skew)
+        self.store = store or IdempotencyStore(
+            nc, bucket_name(cfg.router.consumer), duration_us(cfg.http.idempotency_ttl) / 1e6, cfg.streams.replicas
+        )
+        self.stored = 0
+        self.duplicates = 0
+        self.rejected = 0
+        self.unavailable = 0
+
+    @property
+    def max_payload(self) -> int:
+        return int(self.nc.max_payload or 1024 * 1024)
+
+    def check(self, kind: str, key: str, data: bytes, receipt_us: int, idem: str | None) -> Outcome | None:
+        """The 400 or 413 of an event, or None when it may be stored."""
+        if idem is not None and (problem := idempotency_problem(idem)) is not None:
+            self.rejected += 1
+            return Outcome(400, error=BAD_IDEMPOTENCY_KEY, detail=problem)
+        try:
+            check_ingest(kind, key, data, receipt_us, self.max_skew_us)
+        except DecodeError as err:
+            self.rejected += 1
+            return Outcome(400, error=err.code, detail=err.detail)
+        size = len(data) + header_bytes(self.headers(kind, key, idem))
+        if size > self.max_payload:
+            self.rejected += 1
+            return too_large(size, self.max_payload)
+        return None
+
+    def headers(self, kind: str, key: str, idem: str | None) -> dict[str, str]:
+        headers = {"Nats-Expected-Stream": self.cfg.streams.events}
+        if idem is not None:
+            headers["Nats-Msg-Id"] = f"http:{kind}:{key}:{idem}"
+        return headers
+
+    async def ingest(self, kind: str, key: str, data: bytes, idem: str | None, receipt_us: int) -> Outcome:
+        """Check, then store one event (see the module's text)."""
+        bad = self.check(kind, key, data, receipt_us, idem)
+        if bad is not None:
+            return bad
+        return await self.store_checked(kind, key, data, idem)
+
+    async def store_checked(self, kind: str, key: str, data: bytes, idem: str | None) -> Outcome:
+        """Store an event `check` passed: the idempotency record, the publish, the record again."""
+        if not self.nc.is_connected:
+            self.unavailable += 1
+            return unavailable("NATS is not connected; nothing was stored")
+        msg_id = f"http:{kind}:{key}:{idem}" if idem is not None else None
+        try:
+            if msg_id is not None:
+                first = await self.store.first_seq(msg_id)
+                if first is not None:
+                    self.duplicates += 1
+                    return Outcome(202, seq=first, duplicate=True)
+            subject = f"events.{kind}.{key}"
+            headers = {"Nats-Msg-Id": msg_id} if msg_id is not None else None
+            ack = await self.js.publish(subject, data, timeout=PUBLISH_TIMEOUT_S, stream=self.cfg.streams.events,
+                                        headers=headers)
+            if msg_id is not None:
+                await self.store.remember(msg_id, int(ack.seq))
+        except IdempotencyUnavailable as exc:
+            self.unavailable += 1
+            return unavailable(f"the idempotency record could not be read or written: {exc}")
+        except Exception as exc:  # a timeout, no responders, an API error, the connection lost
+            self.unavailable += 1
+            log.warning("ingest_unacknowledged", subject=f"events.{kind}.{key}", error=f"{type(exc).__name__}: {exc}"[:300])
+            return unavailable(f"the publish was not acknowledged ({type(exc).__name__}); nothing is claimed stored")
+        if ack.duplicate:
+            self.duplicates += 1
+        else:
+            self.stored += 1
+        return Outcome(202, seq=int(ack.seq), duplicate=bool(ack.duplicate))
+
+
+def respond(outcome: Outcome) -> Response:
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if outcome.status == 503 else None
+    return JSONResponse(outcome.body(), status_code=outcome.status, headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The request's body, or None once it runs over `limit` bytes (the rest is not read)."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class _Line(msgspec.Struct, forbid_unknown_fields=False):
+    kind: str
+    key: str
+    event: msgspec.Raw
+    idempotency_key: str | None = None
+
+
+_LINE: Final = msgspec.json.Decoder(_Line)
+
+
+def ingestor(ctx: HttpContext) -> Ingestor:
+    """The server's one Ingestor (its idempotency bucket is bound on first use)."""
+    found = ctx.extras.get("ingest")
+    if found is None:
+        found = ctx.extras["ingest"] = Ingestor(ctx.nc, ctx.cfg)
+    assert isinstance(found, Ingestor)
+    return found
+
+
+def routes(ctx: HttpContext) -> list[BaseRoute]:
+    from router.http.context import route
+
+    ing = ingestor(ctx)
+
+    async def post_event(request: Request) -> Response:
+        receipt_us = time.time_ns() // 1000
+        rest: str = request.path_params["rest"]
+        kind, _, key = rest.partition("/")
+        try:
+            ingest_subject(kind, key)
+        except DecodeError as err:
+            return respond(Outcome(400, error=BAD_SUBJECT, detail=err.detail))
+        body = await read_body(request, ing.max_payload)
+        if body is None:
+            return respond(too_large(int(request.headers.get("content-length") or 0) or ing.max_payload + 1,
+                                     ing.max_payload))
+        idem = request.headers.get("idempotency-key")
+        return respond(await ing.ingest(kind, key, body, idem, receipt_us))
+
+    async def post_batch(request: Request) -> Response:
+        receipt_us = time.time_ns() // 1000
+        body = await read_body(request, BATCH_MAX_BYTES)
+        if body is None:
+            return respond(Outcome(413, error="too_large", detail=f"a batch is at most {BATCH_MAX_BYTES} bytes"))
+        lines = body.split(b"\n")
+        if len(lines) > BATCH_MAX_LINES + 1:
+            return respond(Outcome(413, error="too_large", detail=f"a batch is at most {BATCH_MAX_LINES} lines"))
+        answers = await batch(ing, lines, receipt_us)
+        retry = any(a.get("status") == 503 for a in answers)
+        text = b"".join(msgspec.json.encode(a) + b"\n" for a in answers)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if retry else None
+        return Response(text, status_code=200, media_type=NDJSON, headers=headers)
+
+    return [
+        route("/events", post_batch, methods=["POST"], access="ingest"),
+        route("/events/{rest:path}", post_event, methods=["POST"], access="ingest"),
+    ]
+
+
+async def batch(ing: Ingestor, lines: list[bytes], receipt_us: int) -> list[dict[str, Any]]:
+    """One answer per non-blank line, in line order; lines of one key stored in line order."""
+    answers: list[dict[str, Any]] = []
+    # Per key, the publishes in line order: a chain of the key's lines, run by one task.
+    chains: dict[tuple[str, str], list[Callable[[], Awaitable[None]]]] = {}
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        answer: dict[str, Any] = {"line": number}
+        answers.append(answer)
+        try:
+            line = _LINE.decode(raw)
+        except msgspec.ValidationError as exc:
+            answer.update(status=400, error=INVALID, detail=f"line {number}: {exc}")
+            ing.rejected += 1
+            continue
+        except msgspec.DecodeError as exc:
+            answer.update(status=400, error=MALFORMED, detail=f"line {number} is not one JSON object: {exc}")
+            ing.rejected += 1
+            continue
+        data = bytes(line.event)
+        bad = ing.check(line.kind, line.key, data, receipt_us, line.idempotency_key)
+        if bad is not None:
+            answer.update(status=bad.status, **bad.body())
+            continue
+
+        def job(a: dict[str, Any] = answer, ln: _Line = line, d: bytes = data) -> Awaitable[None]:
+            return _store(ing, a, ln, d)
+
+        chains.setdefault((line.kind, line.key), []).append(job)
+
+    limiter = anyio.CapacityLimiter(BATCH_CONCURRENCY)
+
+    async def run_chain(jobs: list[Callable[[], Awaitable[None]]]) -> None:
+        async with limiter:
+            for run in jobs:
+                await run()
+
+    async with anyio.create_task_group() as tg:
+        for jobs in chains.values():
+            tg.start_soon(run_chain, jobs)
+    return answers
+
+
+async def _store(ing: Ingestor, answer: dict[str, Any], line: _Line, data: bytes) -> None:
+    outcome = await ing.store_checked(line.kind, line.key, data, line.idempotency_key)
+    answer.update(status=outcome.status, **outcome.body())
