@@ -54,7 +54,7 @@ from bench_lib import (
 
 # The router's CPU split: all threads (SQLite's included) against the event loop's own.
 LOOP_CPU = "CPU per event in the event loop's thread"
-SCENARIOS = ("catchup", "alerts", "latency", "keys", "restart", "snapshot")
+SCENARIOS = ("catchup", "alerts", "latency", "keys", "restart", "snapshot", "ingest")
 LIB = str(Path(__file__).resolve().parent / "bench_lib.py")
 T_START = time.monotonic()
 
@@ -901,6 +901,8 @@ async def run_all(args: argparse.Namespace, sizes: Sizes, results: Results) -> N
         steps.append(("keys+restart" if "restart" in only else "keys", lambda: bench.keys(restart="restart" in only)))
     if "snapshot" in only:
         steps.append(("snapshot", bench.snapshot))
+    if "ingest" in only:
+        steps.append(("ingest", lambda: ingest_scenario(sizes, results, work)))
     failed = False
     try:
         for name, step in steps:
@@ -917,6 +919,23 @@ async def run_all(args: argparse.Namespace, sizes: Sizes, results: Results) -> N
             progress(f"configs, stores and logs of the router kept in {work.path}")
         else:
             shutil.rmtree(work.path, ignore_errors=True)
+
+
+async def ingest_scenario(sizes: Sizes, results: Results, work: Workdir) -> None:
+    """HTTP ingestion against core publishes in the same run (scripts/bench_ingest.py)."""
+    from bench_ingest import CLIENTS, run_ingest
+
+    n = 1_000 if sizes is QUICK else 4_000
+    runs = await run_ingest(sizes.runs, n, 500, progress, work.fresh("ingest"))
+    ways = (("sequential", "HTTP sequential"), ("concurrent", f"HTTP {CLIENTS} clients"), ("batch", "HTTP batch of 500"))
+    for way, label in ways:
+        results.define("ingest", label, "events/s")
+        results.define("ingest", f"{label} p50 per request", "ms")
+        results.define("ingest", f"{label} p99 per request", "ms")
+        for r in runs:
+            results.add("ingest", label, r[way], r["baseline"])
+            results.add("ingest", f"{label} p50 per request", r[f"{way}_p50_ms"])
+            results.add("ingest", f"{label} p99 per request", r[f"{way}_p99_ms"])
 
 
 def main(argv: list[str] | None = None) -> int:

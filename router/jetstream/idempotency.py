@@ -57,7 +57,8 @@ class IdempotencyStore:
             return self._kv
         async with self._opening:
             if self._kv is None:
-                self._kv = await self._open()
+                with anyio.fail_after(3 * self.timeout):
+                    self._kv = await self._open()
         return self._kv
 
     async def _open(self) -> KeyValue:
@@ -93,9 +94,8 @@ class IdempotencyStore:
     async def first_seq(self, msg_id: str) -> int | None:
         """The EVENTS sequence stored first for `msg_id` within the TTL, or None."""
         try:
-            with anyio.fail_after(self.timeout):
-                kv = await self._bucket()
-                entry = await kv.get(entry_key(msg_id))
+            kv = await self._bucket()
+            entry = await kv.get(entry_key(msg_id))  # bounded by the JetStream context's timeout
         except KeyNotFoundError:
             return None
         except Exception as exc:
@@ -107,8 +107,7 @@ class IdempotencyStore:
 
     async def remember(self, msg_id: str, seq: int) -> None:
         try:
-            with anyio.fail_after(self.timeout):
-                kv = await self._bucket()
-                await kv.put(entry_key(msg_id), str(seq).encode())
+            kv = await self._bucket()
+            await kv.put(entry_key(msg_id), str(seq).encode())
         except Exception as exc:
             raise IdempotencyUnavailable(f"{type(exc).__name__}: {exc}") from None
