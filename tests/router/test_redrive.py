@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -258,3 +259,94 @@ def test_redrive_arguments_are_checked(capsys: pytest.CaptureFixture[str], tmp_p
         code, _, err = _run([*argv, "--server", "nats://127.0.0.1:1"], capsys)
         assert code == 2, (argv, err)
         assert message in err, (argv, err)
+
+
+async def _streams_with_dead_letters(url: str, cfg_path: Path) -> None:
+    """EVENTS, EXCEPTIONS and DEADLETTER as the router creates them, and two dead letters (#1, #2)."""
+    from contracts.config import load_config
+    from router.jetstream.streams import ensure_streams
+
+    nc = await nats.connect(url)
+    try:
+        await ensure_streams(nc.jsm(), load_config(cfg_path))
+        for n in (1, 2):
+            await nc.jetstream().publish(
+                "deadletter.sku",
+                b'{"type":"received","location":"L1","qty":"3"}',
+                headers={
+                    "Router-Error": "invalid",
+                    "Router-Detail": "Expected `int`, got `str` - at `$.qty`",
+                    "Router-Subject": f"events.sku.K{n}",
+                    "Router-Seq": str(100 + n),
+                    "Nats-Msg-Id": f"dead:{100 + n}",
+                },
+            )
+    finally:
+        await nc.close()
+
+
+async def _pending(url: str, number: int, at: str) -> None:
+    nc = await nats.connect(url)
+    try:
+        ledger = await RedriveLedger.open(nc, "DEADLETTER")
+        await ledger.claim(Redriven(dead_letter=number, events_seq=100 + number, subject=f"events.sku.K{number}", at=at))
+    finally:
+        await nc.close()
+
+
+async def _publish_as_redrive(url: str, number: int) -> int:
+    nc = await nats.connect(url)
+    try:
+        ack = await nc.jetstream().publish(
+            f"events.sku.K{number}", b'{"type":"received","location":"L1","qty":3}', headers={"Nats-Msg-Id": msg_id(number)}
+        )
+        return int(ack.seq)
+    finally:
+        await nc.close()
+
+
+def test_a_redrive_that_died_midway_is_resolved(
+    nats_server: NatsServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A `pending` record (a redrive died between its record and its publish, or before recording
+    the sequence) is resolved by the next redrive: found in EVENTS, refused; not found and stale,
+    sent; not found and fresh, left to the one under way."""
+    url = nats_server.url
+    cfg_path = tmp_path / "config.toml"
+    write_config(cfg_path, url)
+    conf = ["--config", str(cfg_path)]
+    anyio.run(_streams_with_dead_letters, url, cfg_path)
+
+    # #1: published, but the record still says pending -> found by its Nats-Msg-Id, not sent again.
+    anyio.run(_pending, url, 1, "2020-01-01T00:00:00Z")
+    seq = anyio.run(_publish_as_redrive, url, 1)
+    code, out, err = _run(["dlq", "redrive", "1", "--set", "qty=3", *conf], capsys)
+    assert code == 1, (out, err)
+    assert f"as EVENTS seq {seq}" in err
+    records = anyio.run(_records, url)
+    assert records[1].state == "sent"
+    assert records[1].seq == seq
+
+    # #2 fresh pending: another redrive is under way -> not sent.
+    from contracts.times import rfc3339
+
+    anyio.run(_pending, url, 2, rfc3339(int(time.time() * 1e6)))
+    before = anyio.run(_events_last, url)
+    code, out, err = _run(["dlq", "redrive", "2", "--set", "qty=3", *conf], capsys)
+    assert code == 1
+    assert "has not recorded its EVENTS sequence yet" in err
+    assert anyio.run(_events_last, url) == before
+
+
+def test_a_stale_pending_redrive_is_taken_over(
+    nats_server: NatsServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = nats_server.url
+    cfg_path = tmp_path / "config.toml"
+    write_config(cfg_path, url)
+    anyio.run(_streams_with_dead_letters, url, cfg_path)
+    anyio.run(_pending, url, 2, "2020-01-01T00:00:00Z")  # died before publishing, long ago
+    code, out, err = _run(["dlq", "redrive", "2", "--set", "qty=3", "--config", str(cfg_path)], capsys)
+    assert code == 0, err
+    assert "#2 (invalid) -> events.sku.K2  EVENTS seq 1" in out
+    assert anyio.run(_records, url)[2].seq == 1
