@@ -149,6 +149,18 @@ class RouterMetrics:
             PREFIX + "snapshot_duration_seconds", "Time to write one snapshot, from its start to its commit",
             ("partition",), registry=r, buckets=SNAPSHOT_BUCKETS,
         )
+        self.http_ingested = Counter(
+            PREFIX + "http_ingest_events",
+            "Events received over HTTP (POST /events, its batch form, /sources), by outcome: stored, "
+            "duplicate (an Idempotency-Key seen before), rejected (400), too_large (413), unavailable (503)",
+            ("outcome",), registry=r,
+        )
+        self.http_source_payloads = Counter(
+            PREFIX + "http_source_payloads",
+            "Partner webhook payloads (POST /sources/<name>), by source and outcome: mapped, unmapped "
+            "(kept in DEADLETTER), bad_signature (401), unavailable (503)",
+            ("source", "outcome"), registry=r,
+        )
         self.build = Info(PREFIX + "build", "The router's version and what it runs on", registry=r)
         self.build.info({
             "version": __version__,

@@ -26,6 +26,13 @@ def _when(value: Any) -> str:
     return str(value) if value is not None else "?"
 
 
+def _origin(h: dict[str, str]) -> str:
+    """Where a dead letter came from: an EVENTS sequence, or a partner payload never stored there."""
+    if "Router-Seq" not in h and h.get("Router-Error") == "unmapped":
+        return "(a partner payload to POST /sources/<name>, not in EVENTS)"
+    return f"(EVENTS seq {h.get('Router-Seq', '?')})"
+
+
 def dead_letter_number(text: str) -> int:
     """A dead letter's number as `router dlq list` shows it: `12` or `#12`."""
     try:
@@ -142,7 +149,8 @@ async def _dlq_show(cfg: Config, server: ServerURL, stream: str, args: argparse.
         return EXIT_OK
     headers = msg.headers or {}
     print(
-        f"dead letter #{msg.seq} ({stream} seq {msg.seq})  of EVENTS seq {headers.get('Router-Seq', '?')}  "
+        f"dead letter #{msg.seq} ({stream} seq {msg.seq})  "
+        f"{'of ' + _origin(headers).strip('()') if 'Router-Seq' in headers else _origin(headers).strip('()')}  "
         f"subject {msg.subject}  stored {_when(msg.time)}"
     )
     for name, value in headers.items():
@@ -199,7 +207,7 @@ async def _dlq_list(cfg: Config, server: ServerURL, stream: str, args: argparse.
         number = msg.metadata.sequence.stream
         print(
             f"#{number:<6} {_when(msg.metadata.timestamp)}  {h.get('Router-Error', '?'):<12} "
-            f"{h.get('Router-Subject', '?')}  (EVENTS seq {h.get('Router-Seq', '?')})"
+            f"{h.get('Router-Subject', '?')}  {_origin(h)}"
         )
         print(f"        {h.get('Router-Detail', '')}")
         trunc = f" (truncated from {h['Router-Truncated']} bytes)" if "Router-Truncated" in h else ""

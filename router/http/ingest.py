@@ -39,6 +39,7 @@ from contracts.decode import BAD_SUBJECT, INVALID, MALFORMED, DecodeError, check
 from contracts.exceptions import header_bytes
 from contracts.sources import IDEMPOTENCY_RE
 from router.jetstream.idempotency import IdempotencyStore, IdempotencyUnavailable, bucket_name
+from router.metrics import RouterMetrics
 
 if TYPE_CHECKING:
     from router.http.context import HttpContext
@@ -90,7 +91,8 @@ def idempotency_problem(value: str) -> str | None:
 class Ingestor:
     """Checks, publishes and remembers; shared by `/events`, its batch form and `/sources/<name>`."""
 
-    def __init__(self, nc: NATS, cfg: Config, store: IdempotencyStore | None = None) -> None:
+    def __init__(self, nc: NATS, cfg: Config, metrics: RouterMetrics | None = None,
+                 store: IdempotencyStore | None = None) -> None:
         self.nc = nc
         self.cfg = cfg
         self.js = nc.jetstream(timeout=PUBLISH_TIMEOUT_S)
@@ -98,10 +100,14 @@ class Ingestor:
         self.store = store or IdempotencyStore(
             nc, bucket_name(cfg.router.consumer), duration_us(cfg.http.idempotency_ttl) / 1e6, cfg.streams.replicas
         )
-        self.stored = 0
-        self.duplicates = 0
-        self.rejected = 0
-        self.unavailable = 0
+        self.metrics = metrics or RouterMetrics()
+        counter = self.metrics.http_ingested
+        self._stored, self._duplicate = counter.labels("stored"), counter.labels("duplicate")
+        self._rejected, self._too_large = counter.labels("rejected"), counter.labels("too_large")
+        self._unavailable = counter.labels("unavailable")
+
+    def reject(self) -> None:
+        self._rejected.inc()
 
     @property
     def max_payload(self) -> int:
@@ -110,16 +116,16 @@ class Ingestor:
     def check(self, kind: str, key: str, data: bytes, receipt_us: int, idem: str | None) -> Outcome | None:
         """The 400 or 413 of an event, or None when it may be stored."""
         if idem is not None and (problem := idempotency_problem(idem)) is not None:
-            self.rejected += 1
+            self._rejected.inc()
             return Outcome(400, error=BAD_IDEMPOTENCY_KEY, detail=problem)
         try:
             check_ingest(kind, key, data, receipt_us, self.max_skew_us)
         except DecodeError as err:
-            self.rejected += 1
+            self._rejected.inc()
             return Outcome(400, error=err.code, detail=err.detail)
         size = len(data) + header_bytes(self.headers(kind, key, idem))
         if size > self.max_payload:
-            self.rejected += 1
+            self._too_large.inc()
             return too_large(size, self.max_payload)
         return None
 
@@ -139,14 +145,14 @@ class Ingestor:
     async def store_checked(self, kind: str, key: str, data: bytes, idem: str | None) -> Outcome:
         """Store an event `check` passed: the idempotency record, the publish, the record again."""
         if not self.nc.is_connected:
-            self.unavailable += 1
+            self._unavailable.inc()
             return unavailable("NATS is not connected; nothing was stored")
         msg_id = f"http:{kind}:{key}:{idem}" if idem is not None else None
         try:
             if msg_id is not None:
                 first = await self.store.first_seq(msg_id)
                 if first is not None:
-                    self.duplicates += 1
+                    self._duplicate.inc()
                     return Outcome(202, seq=first, duplicate=True)
             subject = f"events.{kind}.{key}"
             headers = {"Nats-Msg-Id": msg_id} if msg_id is not None else None
@@ -155,16 +161,13 @@ class Ingestor:
             if msg_id is not None:
                 await self.store.remember(msg_id, int(ack.seq))
         except IdempotencyUnavailable as exc:
-            self.unavailable += 1
+            self._unavailable.inc()
             return unavailable(f"the idempotency record could not be read or written: {exc}")
         except Exception as exc:  # a timeout, no responders, an API error, the connection lost
-            self.unavailable += 1
+            self._unavailable.inc()
             log.warning("ingest_unacknowledged", subject=f"events.{kind}.{key}", error=f"{type(exc).__name__}: {exc}"[:300])
             return unavailable(f"the publish was not acknowledged ({type(exc).__name__}); nothing is claimed stored")
-        if ack.duplicate:
-            self.duplicates += 1
-        else:
-            self.stored += 1
+        (self._duplicate if ack.duplicate else self._stored).inc()
         return Outcome(202, seq=int(ack.seq), duplicate=bool(ack.duplicate))
 
 
@@ -202,7 +205,7 @@ def ingestor(ctx: HttpContext) -> Ingestor:
     """The server's one Ingestor (its idempotency bucket is bound on first use)."""
     found = ctx.extras.get("ingest")
     if found is None:
-        found = ctx.extras["ingest"] = Ingestor(ctx.nc, ctx.cfg)
+        found = ctx.extras["ingest"] = Ingestor(ctx.nc, ctx.cfg, ctx.rt.metrics)
     assert isinstance(found, Ingestor)
     return found
 
@@ -219,9 +222,11 @@ def routes(ctx: HttpContext) -> list[BaseRoute]:
         try:
             ingest_subject(kind, key)
         except DecodeError as err:
+            ing.reject()
             return respond(Outcome(400, error=BAD_SUBJECT, detail=err.detail))
         body = await read_body(request, ing.max_payload)
         if body is None:
+            ing.metrics.http_ingested.labels("too_large").inc()
             return respond(too_large(int(request.headers.get("content-length") or 0) or ing.max_payload + 1,
                                      ing.max_payload))
         idem = request.headers.get("idempotency-key")
@@ -261,11 +266,11 @@ async def batch(ing: Ingestor, lines: list[bytes], receipt_us: int) -> list[dict
             line = _LINE.decode(raw)
         except msgspec.ValidationError as exc:
             answer.update(status=400, error=INVALID, detail=f"line {number}: {exc}")
-            ing.rejected += 1
+            ing.reject()
             continue
         except msgspec.DecodeError as exc:
             answer.update(status=400, error=MALFORMED, detail=f"line {number} is not one JSON object: {exc}")
-            ing.rejected += 1
+            ing.reject()
             continue
         data = bytes(line.event)
         bad = ing.check(line.kind, line.key, data, receipt_us, line.idempotency_key)

@@ -88,6 +88,7 @@ def routes(ctx: HttpContext) -> list[BaseRoute]:
             sc = source.config
             given = request.headers.get(sc.signature_header)
             if not signature_ok(source.secret, body, given, sc.signature_encoding, sc.signature_prefix):
+                ing.metrics.http_source_payloads.labels(name, "bad_signature").inc()
                 log.info("source_signature_refused", source=name, header=sc.signature_header,
                          present=given is not None, client=request.client.host if request.client else None)
                 return _unauthorized(f"the {sc.signature_header} signature does not match the body")
@@ -115,16 +116,21 @@ def map_payload(ing: Ingestor, source: Source, body: bytes, headers: dict[str, s
 
 
 async def accept(ing: Ingestor, source: Source, body: bytes, headers: dict[str, str], receipt_us: int) -> Response:
+    counted = ing.metrics.http_source_payloads
     try:
         events = map_payload(ing, source, body, headers, receipt_us)
     except MappingError as exc:
-        return await _dead_letter(ing, source, body, str(exc))
+        response = await _dead_letter(ing, source, body, str(exc))
+        counted.labels(source.name, "unmapped" if response.status_code == 202 else "unavailable").inc()
+        return response
     stored: list[dict[str, Any]] = []
     for ev in events:  # in payload order: one key's events keep theirs
         outcome = await ing.store_checked(ev.kind, ev.key, ev.data, ev.idempotency_key)
         if outcome.status != 202:
+            counted.labels(source.name, "unavailable").inc()
             return respond(_partial(outcome, len(stored), len(events)))
         stored.append({"kind": ev.kind, "key": ev.key, "seq": outcome.seq, "duplicate": outcome.duplicate})
+    counted.labels(source.name, "mapped").inc()
     return JSONResponse({"events": stored}, status_code=202)
 
 

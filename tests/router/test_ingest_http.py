@@ -273,3 +273,37 @@ async def test_503_while_nats_is_away_then_202(tmp_path: Path, nats_server: Nats
         assert r2.json() == {"seq": r.json()["seq"], "duplicate": True}
         assert await stream_last(nats_server.url, cfg.streams.events) == 2
         assert rp.running
+
+
+async def test_idempotency_keys_are_forgotten_after_the_ttl(tmp_path: Path, nats_server: NatsServer) -> None:
+    """Past `[http] idempotency_ttl` (and the duplicate window) a key is new again: the record expires."""
+    from nats.js.errors import KeyNotFoundError
+
+    from router.jetstream.idempotency import entry_key
+
+    sections: dict[str, Any] = {"streams": {"duplicate_window": "1s"}, "http": {"idempotency_ttl": "2s"}}
+    async with http_router(tmp_path, nats_server.url, **sections) as (_rp, client, cfg):
+        headers = {"Idempotency-Key": "short-lived"}
+        first = await client.post("/events/sku/SKU-1", content=GOOD, headers=headers)
+        assert first.json()["duplicate"] is False
+        nc = await nats.connect(nats_server.url)
+        try:
+            kv = await nc.jetstream().key_value(f"{cfg.router.consumer}_ingest")
+            info = await nc.jsm().stream_info(f"KV_{cfg.router.consumer}_ingest")
+            assert info.config.max_age == 2.0
+            key = entry_key("http:sku:SKU-1:short-lived")
+            assert int((await kv.get(key)).value or b"") == first.json()["seq"]
+            with anyio.fail_after(30):
+                while True:
+                    try:
+                        await kv.get(key)
+                    except KeyNotFoundError:
+                        break
+                    await anyio.sleep(0.1)
+        finally:
+            await nc.close()
+        await _window_passed(nats_server.url, cfg.streams.events)
+        again = await client.post("/events/sku/SKU-1", content=GOOD, headers=headers)
+        assert again.status_code == 202
+        assert again.json()["duplicate"] is False
+        assert again.json()["seq"] > first.json()["seq"]

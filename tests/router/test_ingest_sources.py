@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import nats
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from contracts.sources import body_id
 from tests.router.test_ingest_http import http_router, stored, stream_last
@@ -192,6 +193,20 @@ async def test_inventory_level_webhook(tmp_path: Path, nats_server: NatsServer) 
         assert await stream_last(url, cfg.streams.deadletter) == 2
         assert await stream_last(url, cfg.streams.events) == 1
 
+        # Counted on /metrics by source and outcome.
+        metrics = await client.get("/metrics")
+        found = {
+            (s.labels.get("source"), s.labels.get("outcome")): s.value
+            for fam in text_string_to_metric_families(metrics.text)
+            for s in fam.samples
+            if s.name in ("ops_router_http_source_payloads_total", "ops_router_http_ingest_events_total")
+        }
+        assert found[("shopify", "mapped")] == 2
+        assert found[("shopify", "unmapped")] == 3
+        assert found[("shopify", "bad_signature")] == 1
+        assert found[(None, "stored")] == 1
+        assert found[(None, "duplicate")] == 1
+
         # `router dlq` shows them, with the source's name.
         done = await anyio.run_process([router_executable(), "dlq", "list", "--server", url], check=False)
         out = done.stdout.decode()
@@ -199,6 +214,7 @@ async def test_inventory_level_webhook(tmp_path: Path, nats_server: NatsServer) 
         assert out.count("unmapped") == 2
         assert "shopify" in out
         assert "not JSON" in out
+        assert "a partner payload to POST /sources/<name>, not in EVENTS" in out
 
 
 async def test_a_source_without_a_signature_takes_the_ingest_token(tmp_path: Path, nats_server: NatsServer) -> None:
