@@ -1,8 +1,8 @@
-"""Live read-only queries: `router.state.<kind>.<key>`, `router.exceptions.open` and `router.health`."""
+"""Live read-only queries: `router.state.<kind>.<key>`, `router.exceptions.open`, `router.health`,
+`router.settings.list`: the endpoints of the `ops-router` NATS micro service."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -10,12 +10,12 @@ import anyio
 import msgspec
 import structlog
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
 import actors
 from actors import Thresholds
 from contracts import KEY_RE
 from router.engine import open_query
+from router.engine.micro import QueryService
 from router.engine.partition import Partition
 from router.engine.settings_list import settings_page
 from router.health import Health
@@ -69,7 +69,9 @@ async def serve_queries(
     *,
     task_status: Any = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Answer `router.state.<kind>.<key>`, `router.exceptions.open` and `router.health` until cancelled.
+    """Answer `router.state.<kind>.<key>`, `router.exceptions.open`, `router.health` and
+    `router.settings.list` until cancelled, as the endpoints of the `ops-router` micro service
+    (router.engine.micro: every instance receives every request, and decides here whether it answers).
 
     `router.exceptions.open` is answered by every instance that runs partitions, each for those
     it runs (router.engine.open_gather puts the replies together).
@@ -83,27 +85,24 @@ async def serve_queries(
     valid UTF-8 to `refusal` (see router.jetstream.parser). A store found damaged while
     answering goes to `on_store_damaged` (the daemon moves it aside and rebuilds)."""
 
-    async def on_state(msg: Msg) -> None:
-        if not msg.reply:
-            return
-        tokens = msg.subject.split(".")
+    async def on_state(subject: str, _data: bytes) -> bytes | None:
+        tokens = subject.split(".")
         valid = len(tokens) == 4 and tokens[2] in actors.ACTORS and KEY_RE.match(tokens[3]) is not None
         if not owns(partition_of(tokens[3], len(partitions)) if valid else 0):
-            return
+            return None
         if not valid:
             body: dict[str, Any] = {
-                "error": f"expected router.state.<sku|shipment|campaign>.<key>, got {msg.subject!r}"
+                "error": f"expected router.state.<sku|shipment|campaign>.<key>, got {subject!r}"
             }
         else:
             try:
                 body = await state_reply(partitions, store, thresholds, tokens[2], tokens[3])
             except Exception as exc:
-                log.error("state_query_failed", subject=msg.subject, error=repr(exc))
+                log.error("state_query_failed", subject=subject, error=repr(exc))
                 if isinstance(exc, StoreDamagedError):
                     on_store_damaged(exc)
                 body = {"error": f"state query failed: {exc!r}"}
-        with contextlib.suppress(Exception):
-            await nc.publish(msg.reply, _ENC.encode(body))
+        return _ENC.encode(body)
 
     async def refuse(subject: bytes, reply: bytes) -> bool:
         """A request whose subject is not valid UTF-8: answered with an error when its reply subject is."""
@@ -116,38 +115,43 @@ async def serve_queries(
         await nc.publish(reply.decode(), _ENC.encode(body))
         return True
 
-    async def on_health(msg: Msg) -> None:
-        if msg.reply and (msg.subject != "router.health" or owns(0)):
-            with contextlib.suppress(Exception):
-                await nc.publish(msg.reply, _ENC.encode(health()))
+    async def on_health(subject: str, _data: bytes) -> bytes | None:
+        if subject != "router.health" or owns(0):
+            return _ENC.encode(health())
+        return None
 
-    async def on_settings_list(msg: Msg) -> None:
-        if not msg.reply or not owns(0):
-            return
+    async def on_settings_list(_subject: str, data: bytes) -> bytes | None:
+        if not owns(0):
+            return None
         try:
-            body = await settings_page(partitions, store, msg.data)
+            body = await settings_page(partitions, store, data)
         except Exception as exc:
             log.error("settings_list_failed", error=repr(exc))
             body = {"error": f"settings list failed: {exc!r}"}
-        with contextlib.suppress(Exception):
-            await nc.publish(msg.reply, _ENC.encode(body))
+        return _ENC.encode(body)
 
-    async def on_open(msg: Msg) -> None:
-        if not msg.reply:
-            return
+    async def on_open(_subject: str, data: bytes) -> bytes | None:
         running = [p for p in list(partitions) if owns(p.index)]
         if not running:
-            return  # (standing by: the owners answer)
-        with contextlib.suppress(Exception):
-            await nc.publish(msg.reply, await open_reply(running, store, msg.data))
+            return None  # (standing by: the owners answer)
+        return await open_reply(running, store, data)
 
+    def stats() -> dict[str, Any]:
+        """Added to each endpoint's `$SRV.STATS` entry: who answers what."""
+        return {"instance": instance, "partitions": [p.index for p in list(partitions) if owns(p.index)]}
+
+    service = await QueryService.start(nc, instance, stats)
     subs = [
-        await nc.subscribe("router.state.>", cb=on_state),
-        # No queue group: every instance answers for the partitions it runs (CONTRACT 5.1).
-        await nc.subscribe(open_query.SUBJECT, cb=on_open),
-        await nc.subscribe("router.health", cb=on_health),
-        await nc.subscribe(f"router.health.{instance}", cb=on_health),
-        await nc.subscribe("router.settings.list", cb=on_settings_list),
+        await service.endpoint("state", "router.state.>", on_state, {"answers": "the owner of the key's partition"}),
+        # Every instance answers for the partitions it runs (CONTRACT 5.1).
+        await service.endpoint(
+            "exceptions-open", open_query.SUBJECT, on_open, {"answers": "every instance, for its partitions"}
+        ),
+        await service.endpoint("health", "router.health", on_health, {"answers": "the owner of partition 0"}),
+        await service.endpoint("health-instance", f"router.health.{instance}", on_health, {"answers": "this instance"}),
+        await service.endpoint(
+            "settings-list", "router.settings.list", on_settings_list, {"answers": "the owner of partition 0"}
+        ),
     ]
     refuse_bad_subjects(subs[0], refuse)
     task_status.started()
@@ -155,6 +159,4 @@ async def serve_queries(
         await anyio.sleep_forever()
     finally:
         with anyio.CancelScope(shield=True):
-            for sub in subs:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+            await service.stop()
