@@ -103,11 +103,17 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _seconds(ts: str) -> str:
+    """An RFC 3339 time to the second (the table's width; --json keeps it whole)."""
+    head, dot, _rest = ts.partition(".")
+    return head + "Z" if dot else ts
+
+
 def print_table(reply: dict[str, Any], color: bool = False) -> None:
     rows = [
         [
             e["severity"], e["kind"], e["key"], e["rule"], _cell(e["location"]), _cell(e["value"]),
-            _cell(e["threshold"]), e["detected_at"], e["message"],
+            _cell(e["threshold"]), _seconds(e["detected_at"]), e["message"],
         ]
         for e in reply["open"]
     ]
@@ -122,7 +128,8 @@ def print_table(reply: dict[str, Any], color: bool = False) -> None:
     shown = len(rows)
     total = reply["total"]
     tail = f"{total} open" + (f", {shown} shown" if shown != total else "")
-    print(f"{tail} (partitions {_ranges(parts)} of {reply['partition_count']})")
+    count = reply["partition_count"]
+    print(f"{tail} ({'partition' if count == 1 else 'partitions'} {_ranges(parts)}: all {count} answered)")
     if reply.get("next"):
         print(f"more: add --after {reply['next']}")
 

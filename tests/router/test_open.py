@@ -265,7 +265,7 @@ async def test_router_open_prints_a_table_and_json(nats_server: Any, tmp_path: P
             ["critical", "sku", "SERUM-VITC-30", "stockout", "BLR-DS-4"],
         ]
         assert "SERUM-VITC-30 out of stock at BLR-DS-4 (available 0)" in lines[4]
-        assert lines[5] == "4 open (partitions 0-1 of 2)"
+        assert lines[5] == "4 open (partitions 0-1: all 2 answered)"
 
         one = await anyio.to_thread.run_sync(cli, "--rule", "low_stock", "--limit", "1", "--json")
         assert one.returncode == 0, one.stderr
