@@ -25,19 +25,23 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Final
 
 import prometheus_client
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
+from contracts.rules import RULES
 from router import __version__
+
+log = structlog.get_logger()
 
 # The `<name>_created` series prometheus-client adds to every counter and histogram are one
 # more series per label set that Prometheus stores as a gauge of its own, and nothing here
@@ -45,6 +49,7 @@ from router import __version__
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 PREFIX: Final = "ops_router_"
+_RULE_PAIRS: Final = tuple((r.kind, r.name) for r in RULES)  # (kind, rule) of every rule the contract names
 
 # Seconds. End to end: from the event's JetStream timestamp to the exception's publish
 # acknowledged; a catch-up after a stop records how long the events waited.
@@ -70,8 +75,8 @@ class PartitionGauges:
 
 
 PartitionSource = Callable[[], Iterable[PartitionGauges]]
-# (kind, rule) -> exceptions open now.
-OpenSource = Callable[[], Mapping[tuple[str, str], int]]
+# (kind, rule) -> exceptions open now; read from the store, so awaited (see `RouterMetrics.scrape`).
+OpenSource = Callable[[], Awaitable[Mapping[tuple[str, str], int]]]
 
 
 def _package_version(name: str) -> str:
@@ -87,6 +92,15 @@ class _Gauges(Collector):
     def __init__(self) -> None:
         self.partitions: PartitionSource = tuple
         self.open: OpenSource | None = None
+        self.open_counts: Mapping[tuple[str, str], int] | None = None  # as of the last refresh
+
+    async def refresh(self) -> None:
+        """Read what needs an await; on failure the last values stay (and the failure is logged)."""
+        if self.open is not None:
+            try:
+                self.open_counts = await self.open()
+            except Exception as exc:
+                log.warning("metrics_open_count_failed", error=repr(exc))
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         parts = list(self.partitions())
@@ -109,13 +123,16 @@ class _Gauges(Collector):
             for p in parts:
                 g.add_metric((str(p.partition),), float(read(p)))
             yield g
-        if self.open is not None:
+        counts = self.open_counts
+        if counts is not None:
             g = GaugeMetricFamily(
-                PREFIX + "open_exceptions", "Exceptions in force now (CONTRACT 5.1), by kind and rule",
+                PREFIX + "open_exceptions",
+                "Exceptions in force now (CONTRACT 5.1) in the partitions this instance runs, by kind and rule",
                 labels=("kind", "rule"),
             )
-            for (kind, rule), n in sorted(self.open().items()):
-                g.add_metric((kind, rule), float(n))
+            # Every rule the contract names, 0 when none is open: a series does not vanish at zero.
+            for pair in (*_RULE_PAIRS, *sorted(set(counts) - set(_RULE_PAIRS))):
+                g.add_metric(pair, float(counts.get(pair, 0)))
             yield g
 
 
@@ -175,14 +192,23 @@ class RouterMetrics:
         self._gauges.partitions = source
 
     def watch_open(self, source: OpenSource) -> None:
-        """`source()` is called at every scrape: open exceptions per (kind, rule)."""
+        """`await source()` at every `scrape`: open exceptions per (kind, rule)."""
         self._gauges.open = source
 
     def partitions(self) -> list[PartitionGauges]:
         return list(self._gauges.partitions())
 
+    async def scrape(self, accept: str = "") -> tuple[bytes, str]:
+        """What `GET /metrics` serves: (body, Content-Type) for the request's Accept header.
+
+        Reads what needs an await first (the open exceptions, counted in the snapshot store),
+        then renders every metric (see `exposition`). Call it from the router's event loop.
+        """
+        await self._gauges.refresh()
+        return exposition(self.registry, accept)
+
     def exposition(self, accept: str = "") -> tuple[bytes, str]:
-        """See the module function `exposition`."""
+        """The text now, without the await of `scrape`: the open exceptions as of the last scrape."""
         return exposition(self.registry, accept)
 
 

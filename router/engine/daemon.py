@@ -89,6 +89,7 @@ class Runtime:
         self.instance = holding.ownership.instance
         self.partitions: list[Partition] = []
         self.metrics.watch_partitions(self._partition_gauges)
+        self.metrics.watch_open(self._open_by_rule)
         self.started_at = time.monotonic()
         self.started_wall = health_model.now_rfc3339()
         self.status: health_model.Status = "starting"
@@ -317,6 +318,11 @@ class Runtime:
             applied_seq=[p.applied_seq for p in self.partitions],
             processed=sum(p.processed for p in self.partitions),
         )
+
+    async def _open_by_rule(self) -> dict[tuple[str, str], int]:
+        """`ops_router_open_exceptions{kind,rule}`: read at every scrape (see RouterMetrics.scrape)."""
+        counts = await self.open_counts(open_query.BY_RULE)
+        return {(str(kind), str(rule)): n for (kind, rule), n in counts.items()}
 
     def _partition_gauges(self) -> list[PartitionGauges]:
         """What each partition reports at scrape time (see RouterMetrics.watch_partitions)."""

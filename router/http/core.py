@@ -108,7 +108,7 @@ def routes(ctx: HttpContext) -> list[BaseRoute]:
 
     async def metrics(request: Request) -> Response:
         """Prometheus text exposition of the router's registry (OpenMetrics when the scraper asks)."""
-        body, content_type = rt.metrics.exposition(request.headers.get("accept", ""))
+        body, content_type = await rt.metrics.scrape(request.headers.get("accept", ""))
         return Response(body, headers={"Content-Type": content_type})
 
     return [

@@ -36,12 +36,20 @@ def test_each_runtime_has_a_registry_of_its_own() -> None:
     assert REGISTRY.get_sample_value("ops_router_events_applied_total", {"partition": "0", "kind": "sku"}) is None
 
 
-def test_scrape_time_gauges_read_the_runtime_at_every_scrape() -> None:
+@pytest.mark.anyio
+async def test_scrape_time_gauges_read_the_runtime_at_every_scrape() -> None:
     m = RouterMetrics()
     lag = [7]
     m.watch_partitions(lambda: [PartitionGauges(0, lag[0], 3, 1.23456, 2, 0.5), PartitionGauges(1, 0, 1, 0, 0, 0)])
-    m.watch_open(lambda: {("sku", "stockout"): 2, ("shipment", "sla_at_risk"): 1})
+    open_now = {("sku", "stockout"): 2, ("shipment", "sla_at_risk"): 1}
+
+    async def count_open() -> dict[tuple[str, str], int]:
+        return dict(open_now)
+
+    m.watch_open(count_open)
     r = m.registry
+    assert r.get_sample_value("ops_router_open_exceptions", {"kind": "sku", "rule": "stockout"}) is None
+    await m.scrape()
     assert r.get_sample_value("ops_router_consumer_lag_messages", {"partition": "0"}) == 7
     lag[0] = 9
     assert r.get_sample_value("ops_router_consumer_lag_messages", {"partition": "0"}) == 9
@@ -51,6 +59,14 @@ def test_scrape_time_gauges_read_the_runtime_at_every_scrape() -> None:
     assert r.get_sample_value("ops_router_timer_backlog_seconds", {"partition": "0"}) == 0.5
     assert r.get_sample_value("ops_router_open_exceptions", {"kind": "sku", "rule": "stockout"}) == 2
     assert r.get_sample_value("ops_router_open_exceptions", {"kind": "shipment", "rule": "sla_at_risk"}) == 1
+    # Every rule the contract names is there, at 0 when none is open.
+    assert r.get_sample_value("ops_router_open_exceptions", {"kind": "campaign", "rule": "cpa_exceeded"}) == 0
+    open_now.pop(("sku", "stockout"))
+    assert r.get_sample_value("ops_router_open_exceptions", {"kind": "sku", "rule": "stockout"}) == 2  # as of the last
+    body, content_type = await m.scrape()
+    assert content_type.startswith("text/plain")
+    assert r.get_sample_value("ops_router_open_exceptions", {"kind": "sku", "rule": "stockout"}) == 0
+    assert b'ops_router_open_exceptions{kind="sku",rule="stockout"} 0.0' in body
 
 
 def test_build_info_names_the_versions() -> None:

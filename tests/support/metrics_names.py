@@ -10,7 +10,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 PREFIX: Final = "ops_router_"
 # Label names: small, closed sets only (never an entity key, an id or a subject).
-LABELS: Final = frozenset({"partition", "kind", "rule", "status", "reason", "version", "python", "nats_py", "le"})
+LABELS: Final = frozenset(
+    {"partition", "kind", "rule", "status", "reason", "outcome", "source", "version", "python", "nats_py", "le"}
+)
 # Units that are not base units (prometheus.io/docs/practices/naming: seconds, bytes).
 NOT_BASE: Final = re.compile(
     r"_(ms|us|ns|millis|milliseconds|microseconds|nanoseconds|minutes|hours|days|kb|mb|gb|kilobytes|megabytes)(_|$)"
