@@ -187,3 +187,38 @@ def test_the_naming_check_finds_what_breaks_the_conventions() -> None:
     assert any("sku" in p for p in problems)
     assert any("ops_router_things_seen" in p and "_total" in p for p in problems)
     assert not any("ops_router_events" in p for p in problems)
+
+
+@pytest.mark.anyio
+async def test_the_dashboard_and_scrape_config_in_docs_use_these_metrics() -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    m = RouterMetrics()
+
+    async def none_open() -> dict[tuple[str, str], int]:
+        return {}
+
+    m.watch_open(none_open)
+    body, _ = await m.scrape()
+    names = {f.name for f in text_string_to_metric_families(body.decode())}
+    dash = json.loads((docs / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 15
+    used = {n for e in exprs for n in re.findall(r"\bops_router_\w+", e)}
+    unknown = {n for n in used if re.sub(r"_(total|bucket|sum|count)$", "", n) not in names}
+    assert unknown == set()
+    # Rates, lag, latency quantiles from the histogram, open exceptions, dead letters.
+    for wanted in ("ops_router_events_applied_total", "ops_router_consumer_lag_messages",
+                   "ops_router_end_to_end_latency_seconds_bucket", "ops_router_open_exceptions",
+                   "ops_router_dead_letters_total"):
+        assert wanted in used, wanted
+    assert any("histogram_quantile(0.99" in e for e in exprs)
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    assert all(p["datasource"]["uid"] == "${datasource}" for p in dash["panels"] if p["type"] != "row")
+    scrape = (docs / "prometheus.yml").read_text()
+    assert scrape.count("metrics_path: /metrics") >= 2
+    assert 'targets: ["127.0.0.1:8080"]' in scrape
