@@ -90,6 +90,9 @@ class SnapshotsConfig(_Section):
     every: Duration = "5s"
     resident_actors: Annotated[int, Meta(ge=100)] = 200_000
     synchronous: Literal["OFF", "NORMAL", "FULL"] = "NORMAL"
+    # Every snapshot also goes to a KV bucket in the cluster (`<router.consumer>_state`), from
+    # which a partition whose local store is missing or behind is restored at start.
+    cluster_copy: bool = True
 
 
 class RouterConfig(_Section):

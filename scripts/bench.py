@@ -54,7 +54,7 @@ from bench_lib import (
 
 # The router's CPU split: all threads (SQLite's included) against the event loop's own.
 LOOP_CPU = "CPU per event in the event loop's thread"
-SCENARIOS = ("catchup", "alerts", "latency", "keys", "restart", "snapshot", "ingest")
+SCENARIOS = ("catchup", "alerts", "latency", "keys", "restart", "snapshot", "ingest", "copy")
 LIB = str(Path(__file__).resolve().parent / "bench_lib.py")
 T_START = time.monotonic()
 
@@ -585,10 +585,46 @@ class Bench:
                          f"{base_cpu / n * 1e6:.1f} us ({loop_cpu / n * 1e6:.1f} us in the loop's thread); "
                          f"{stats.get('exceptions')} exceptions")
 
-    async def _router_catchup(self, d: Path, url: str, n: int) -> tuple[float, float, float, dict[str, Any]]:
+    async def copy(self) -> None:
+        """The cluster copy of the state ([snapshots] cluster_copy) on against off: catch-up of the
+        realistic mix, CPU per event and bytes written to the cluster copy per event, alternating."""
+        s, res = self.s, self.res
+        scen = "copy"
+        n = s.catchup_events
+        name = f"catch-up {n // 1000}k with the cluster copy (baseline: copy off)"
+        cpu = "CPU per event, copy on (baseline: off)"
+        res.define(scen, name, "events/s", "report")
+        res.define(scen, cpu, "us", "<= 1.15x baseline", lambda r, b, x: x is not None and x <= 1.15)
+        res.define(scen, "bytes written to the cluster copy per event", "B")
+        res.define(scen, "actor writes to the cluster copy per event", "n")
+        msgs = list(brand_day(n, **s.mix))
+        with nats_server() as srv:
+            for run in range(s.runs):
+                got: dict[bool, tuple[float, float, dict[str, Any]]] = {}
+                for on in ((False, True) if run % 2 == 0 else (True, False)):
+                    await reset_streams(srv.url)
+                    await publish_core(srv.url, msgs)
+                    d = self.work.fresh(f"copy-{'on' if on else 'off'}")
+                    await self.quiet(f"{scen} run {run + 1} copy {'on' if on else 'off'}")
+                    rate, router_cpu, _loop, stats = await self._router_catchup(
+                        d, srv.url, n, snapshots={"cluster_copy": on})
+                    got[on] = (rate, router_cpu, stats)
+                (r_on, c_on, st_on), (r_off, c_off, _st) = got[True], got[False]
+                res.add(scen, name, r_on, r_off)
+                res.add(scen, cpu, c_on / n * 1e6, c_off / n * 1e6)
+                res.add(scen, "bytes written to the cluster copy per event", st_on.get("copy_bytes", 0) / n)
+                res.add(scen, "actor writes to the cluster copy per event", st_on.get("copy_actors", 0) / n)
+                progress(f"{scen} run {run + 1}/{s.runs}: copy on {r_on:,.0f} events/s, {c_on / n * 1e6:.1f} us/event; "
+                         f"off {r_off:,.0f} events/s, {c_off / n * 1e6:.1f} us/event; "
+                         f"{st_on.get('copy_bytes', 0) / n:.1f} B and {st_on.get('copy_actors', 0) / n:.3f} actor "
+                         f"writes per event to the copy")
+
+    async def _router_catchup(
+        self, d: Path, url: str, n: int, **sections: dict[str, Any]
+    ) -> tuple[float, float, float, dict[str, Any]]:
         """(events/s from serving to event `n` applied, CPU seconds over the same span (all threads,
         the event loop's thread), stats)."""
-        child, serving = await start_router(d, write_config(d, url), marks=[n])
+        child, serving = await start_router(d, write_config(d, url, **sections), marks=[n])
         try:
             reached = await child.call(max(120, n / 2_000), cmd="wait", seq=n)
             # The actor messages it appended after `n` (and their exceptions) too, for the count:
@@ -903,6 +939,8 @@ async def run_all(args: argparse.Namespace, sizes: Sizes, results: Results) -> N
         steps.append(("snapshot", bench.snapshot))
     if "ingest" in only:
         steps.append(("ingest", lambda: ingest_scenario(sizes, results, work)))
+    if "copy" in only:
+        steps.append(("copy", bench.copy))
     failed = False
     try:
         for name, step in steps:

@@ -305,7 +305,8 @@ async def reset_streams(url: str, *, exceptions: bool = False) -> None:
     nc = await nats.connect(url)
     try:
         jsm = nc.jsm()
-        for name in ("EVENTS", "EXCEPTIONS", "DEADLETTER"):
+        # (and the cluster copy of the state: a fresh store would be restored from it)
+        for name in ("EVENTS", "EXCEPTIONS", "DEADLETTER", "KV_router_state"):
             with contextlib.suppress(Exception):
                 await jsm.delete_stream(name)
         from nats.js import api
@@ -572,6 +573,9 @@ def _stats(rt: Any, watch: _Watch) -> dict[str, Any]:
         "hwm_kib": proc_status_kib(field="VmHWM"),
         "snapshots": watch.snapshots,
         "max_lag_ms": round(watch.max_lag * 1000, 2),
+        # The cluster copy of the state ([snapshots] cluster_copy): what it wrote so far.
+        "copy_bytes": rt.state_copy.bytes_written if getattr(rt, "state_copy", None) is not None else 0,
+        "copy_actors": rt.state_copy.actors_written if getattr(rt, "state_copy", None) is not None else 0,
     }
 
 

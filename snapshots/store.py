@@ -372,6 +372,31 @@ class Store:
             )
         return [(str(k), str(v)) for k, v in rows]
 
+    async def partition_actors(
+        self, partition: int, after: tuple[str, str] = ("", ""), limit: int = 5_000, newer_than: int = 0
+    ) -> list[ActorRecord]:
+        """One page of the partition's stored actors (with their timers) in key order, after
+        `after`, only those whose last_seq is above `newer_than` (to copy a store elsewhere)."""
+        async with self._reading("partition_actors") as db:
+            rows = list(await db.execute_fetchall(
+                "SELECT kind, key, last_seq, state FROM actors WHERE partition = ? AND (kind, key) > (?, ?)"
+                " AND last_seq > ? ORDER BY kind, key LIMIT ?",
+                (partition, after[0], after[1], newer_than, limit),
+            ))
+            timers: dict[tuple[str, str], dict[str, int]] = {}
+            if rows:
+                last = rows[-1]
+                for kind, key, name, deadline in await db.execute_fetchall(
+                    "SELECT kind, key, name, deadline_us FROM timers WHERE partition = ?"
+                    " AND (kind, key) > (?, ?) AND (kind, key) <= (?, ?)",
+                    (partition, after[0], after[1], last[0], last[1]),
+                ):
+                    timers.setdefault((str(kind), str(key)), {})[str(name)] = int(deadline)
+        return [
+            ActorRecord(str(k), str(v), int(s), bytes(st), timers.get((str(k), str(v)), {}))
+            for k, v, s, st in rows
+        ]
+
     # -- timers -----------------------------------------------------------------------
 
     async def due_timers(self, partition: int, until_us: int, limit: int = 1000) -> list[DueTimer]:

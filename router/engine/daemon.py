@@ -21,6 +21,7 @@ from contracts.config import Config, ConfigError, duration_us
 from contracts.secrets import redact
 from router import health as health_model
 from router.engine import open_query
+from router.engine.clustercopy import PartitionCopy
 from router.engine.deps import PartitionDeps
 from router.engine.ownership import (
     DataDirBusy,
@@ -40,6 +41,8 @@ from router.jetstream.connection import connect_options
 from router.jetstream.ownership import OwnershipBucket, bucket_name
 from router.jetstream.parser import FastParser, Refusal
 from router.jetstream.publisher import Publisher
+from router.jetstream.statecopy import StateCopy
+from router.jetstream.statecopy import bucket_name as state_bucket_name
 from router.metrics import PartitionGauges, RouterMetrics, Summary
 from snapshots import Store, StoreDamagedError, StoreFullError
 
@@ -99,6 +102,7 @@ class Runtime:
         self._task_status: Any = None
         self.closing = False  # set once the final snapshot is written: the connection closes next
         self.url = ""
+        self.state_copy: StateCopy | None = None  # [snapshots] cluster_copy (router.engine.clustercopy)
 
     def raw_path(self, sub: Any, handler: Callable[[bytes, bytes, bytes, dict[str, str] | None], None]) -> None:
         """Deliver `sub`'s messages straight from the protocol parser to `handler`.
@@ -157,11 +161,13 @@ class Runtime:
                 raise FatalError(
                     f"cannot open the ownership bucket KV {bucket_name(cfg.router.consumer)}: {exc!r}"
                 ) from None
-            store = await open_store(cfg, infos[cfg.streams.events], rebuilding=rebuilding)
+            state_copy = await _open_state_copy(nc, cfg) if cfg.snapshots.cluster_copy else None
+            store = await open_store(cfg, infos[cfg.streams.events], rebuilding=rebuilding, copied=state_copy is not None)
             stack.push_async_callback(store.close)
             holding = OwnAll(Ownership(bucket, lock.instance, timings), cfg.router.partitions)
             rt = cls(cfg, nc, store, clock, holding)
             rt.url = url
+            rt.state_copy = state_copy
             holder["rt"] = rt
             yield rt
 
@@ -198,6 +204,8 @@ class Runtime:
         self._task_status = task_status
         async with anyio.create_task_group() as tg:
             await tg.start(self.publisher.serve, self.raw_path)
+            if self.state_copy is not None:
+                await self.state_copy.start(self.raw_path)
             await tg.start(
                 serve_queries, self.nc, self.partitions, self.store, self.thresholds, self.health,
                 self.refuse_bad_subjects, self.store_damaged, self.holding.owns, self.instance,
@@ -237,7 +245,9 @@ class Runtime:
     async def _own(self, leases: list[Lease], lost: anyio.Event) -> bool:
         """Run every partition under its lease: until a stop (graceful; True), or until a lease is
         lost (the partitions are abandoned unsnapshotted and unacknowledged; False)."""
-        self.partitions[:] = [_fenced(Partition(self.deps, i), lease) for i, lease in enumerate(leases)]
+        self.partitions[:] = [
+            self._copied(_fenced(Partition(self.deps, i), lease), lease) for i, lease in enumerate(leases)
+        ]
         fenced = False
         try:
             for p in self.partitions:
@@ -259,6 +269,14 @@ class Runtime:
         if not fenced:
             self.partitions.clear()
         return not fenced
+
+    def _copied(self, p: Partition, lease: Lease) -> Partition:
+        """`p` with its cluster copy (when `[snapshots] cluster_copy` is on), fenced by `lease`."""
+        if self.state_copy is not None:
+            p.snapshots.copy = PartitionCopy(
+                self.state_copy, self.store, p.index, epoch=lease.epoch, instance=self.instance, fence=lease.check
+            )
+        return p
 
     async def _run_partitions(self, leases: list[Lease], lost: anyio.Event) -> bool:
         """Run the prepared partitions until a stop (stop them gracefully: True) or a lost lease (False)."""
@@ -428,6 +446,16 @@ def _check_duplicate_window(cfg: Config, timings: Timings) -> None:
         )
 
 
+async def _open_state_copy(nc: NATS, cfg: Config) -> StateCopy:
+    name = state_bucket_name(cfg.router.consumer)
+    try:
+        return await StateCopy.open(nc, name, replicas=cfg.streams.replicas)
+    except Exception as exc:
+        raise FatalError(
+            f"cannot open the cluster copy of the state, KV {name} ([snapshots] cluster_copy): {exc!r}"
+        ) from None
+
+
 def _fenced(p: Partition, lease: Lease) -> Partition:
     """`p` under `lease`: every pull, ack, consumer change, publish and store write checks it first."""
     p.pulls.fence = lease.check
@@ -550,7 +578,7 @@ async def _serve_until_stopped(
         if damage is None:
             return False
         first = await _events_first_seq(rt)
-        if first is not None and first > 1:
+        if first is not None and first > 1 and not cfg.snapshots.cluster_copy:  # (else restored from the copy)
             raise beyond_repair(cfg, damage, first)
         stopping = rt.stopping
     # The store is closed now.

@@ -124,7 +124,7 @@ class Partition:
     async def prepare(self) -> None:
         """Read the partition's marks and position the consumer just after the applied point."""
         d = self.d
-        applied, effects = await d.store.marks(self.index)
+        applied, effects = await self.snapshots.start_marks()  # (restored from the cluster copy when behind)
         info = await d.jsm.stream_info(self.stream)
         first, last = check_marks(self.index, applied, info, self.cfg)
         floor, delivered = await streams.consumer_marks(d.jsm, self.cfg, self.index)
@@ -145,17 +145,14 @@ class Partition:
         self.effects_seq = self.suppress_through = effects
         self._received_through = applied
         self.meter.start(max(0, last - applied))
+        await self.snapshots.mark_start(applied, effects, delivered)
         self.pulls.fence()
         await streams.position_consumer(d.jsm, self.cfg, self.index, applied + 1)
         await self.snapshots.restore_key_filter(self.stored)
         self.timers.recovering_until_us = d.now_us()
         self._log.info(
-            "partition_ready",
-            applied_seq=applied,
-            effects_confirmed_seq=effects,
-            stream_first=first,
-            stream_last=last,
-            backlog=max(0, last - applied),
+            "partition_ready", applied_seq=applied, effects_confirmed_seq=effects, stream_first=first,
+            stream_last=last, backlog=max(0, last - applied),
         )
 
     # ------------------------------------------------------------------ delivery

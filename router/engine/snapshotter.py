@@ -26,11 +26,13 @@ import msgspec
 import structlog
 
 import actors
+from router.engine.clustercopy import PartitionCopy
 from router.engine.keyfilter import KeyFilter
 from router.engine.open_index import OpenIndex, View
 from router.engine.outbox import Outbox
 from router.engine.timers import Timers
-from snapshots import ActorRecord, OpenRows, Store, StoreFullError
+from router.jetstream.statecopy import CopyUnavailable
+from snapshots import ActorRecord, OpenRows, PartitionMarks, Store, StoreFullError
 
 log = structlog.get_logger()
 
@@ -100,6 +102,9 @@ class Snapshotter:
         self.marked_effects = 0  # effects_seq as last written to the store
         # Called just before each commit (see Store.write_snapshot): what it raises rolls the write back.
         self.fence: Callable[[], None] | None = None
+        # The cluster copy of the partition (router.engine.clustercopy), written before the store; None: off.
+        self.copy: PartitionCopy | None = None
+        self.copy_behind = False  # the last write could not reach the cluster copy
         self._job: tuple[set[Key], int, int] | None = None
         self._requested = anyio.Event()
         # The partition's open exceptions: changed by the outbox, written with the actors here.
@@ -113,7 +118,7 @@ class Snapshotter:
     # ------------------------------------------------------------------ when
 
     def due(self) -> bool:
-        if self.disk_full and self._clock() < self._full_retry_at:
+        if (self.disk_full or self.copy_behind) and self._clock() < self._full_retry_at:
             return False
         return self.since >= self.every_events or time.monotonic() - self.last >= self._every_s
 
@@ -242,6 +247,10 @@ class Snapshotter:
             self.dirty |= keys  # not written: keep them dirty
             self._timers.snapshot_failed()  # and their far timers in view
             self._no_room(exc, "snapshot")
+        except CopyUnavailable as exc:  # the same: kept dirty, tried again with a growing pause
+            self.dirty |= keys
+            self._timers.snapshot_failed()
+            self._copy_failed(exc, "snapshot")
         except BaseException:
             self.dirty |= keys
             self._timers.snapshot_failed()
@@ -254,7 +263,11 @@ class Snapshotter:
             self._wake()
 
     async def commit(self, rows: Sequence[ActorRecord], applied: int, effects: int) -> None:
-        """The one write of a snapshot: states and marks in one transaction."""
+        """The one write of a snapshot: the cluster copy first (when on), then states and marks in
+        one transaction."""
+        if self.copy is not None:
+            await self.copy.write(rows, applied, effects)
+            self._copy_again()
         await self._store.write_snapshot(self._index, rows, applied_seq=applied, effects_seq=effects, fence=self.fence)
         self.open.committed(rows)
 
@@ -273,10 +286,41 @@ class Snapshotter:
             captured.append(r if st is None else msgspec.structs.replace(r, open=capture((r.kind, r.key), st)))
         rows = captured
         try:
+            if self.copy is not None:
+                await self.copy.write_actors(rows)
             await self._store.write_actors(self._index, rows, fence=self.fence)
             self.open.committed(rows)
         except StoreFullError as exc:
             self._no_room(exc, "fired timers")
+        except CopyUnavailable as exc:
+            self._copy_failed(exc, "fired timers")
+
+    async def start_marks(self) -> PartitionMarks:
+        """At start: the local store's marks, after bringing it in line with the cluster copy."""
+        if self.copy is not None:
+            await self.copy.reconcile()
+        return await self._store.marks(self._index)
+
+    async def mark_start(self, applied: int, effects: int, delivered: int) -> None:
+        """At start, before the consumer is recreated: the marks into the cluster copy."""
+        if self.copy is not None:
+            await self.copy.mark_start(applied, effects, delivered)
+
+    def _copy_failed(self, exc: CopyUnavailable, what: str) -> None:
+        self._full_pause = min(FULL_RETRY_MOST_S, self._full_pause * 2 or FULL_RETRY_FIRST_S)
+        self._full_retry_at = self._clock() + self._full_pause
+        if not self.copy_behind:
+            self.copy_behind = True
+            self._log.error(
+                "state_copy_behind", write=what, error=str(exc),
+                action="applying and acknowledging on; snapshots retried until the cluster copy takes them",
+            )
+
+    def _copy_again(self) -> None:
+        if self.copy_behind:
+            self.copy_behind = False
+            self._log.warning("state_copy_caught_up", dirty_left=len(self.dirty))
+            self._full_pause = 0.0
 
     def _no_room(self, exc: StoreFullError, what: str) -> None:
         """A write found the disk full: try again later, pausing longer each time."""

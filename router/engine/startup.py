@@ -101,14 +101,16 @@ def find(exc: BaseException, cls: type[E]) -> E | None:
     return None
 
 
-async def open_store(cfg: Config, events_info: Any, *, rebuilding: bool = False) -> Store:
+async def open_store(cfg: Config, events_info: Any, *, rebuilding: bool = False, copied: bool = False) -> Store:
     """Open the snapshot store; rebuild from the stream when damaged and the stream still has it all.
 
     `rebuilding`: the last store was found damaged and moved aside, which was said already.
+    `copied`: the cluster copy is on: a missing or damaged store is restored from it at the
+    partition's start, which then checks that the stream holds everything after its marks.
     """
     path = cfg.snapshot_path
     first = int(events_info.state.first_seq or 0)
-    has_history = first <= 1  # never purged: sequence 1 onward is all there
+    has_history = first <= 1 or copied  # never purged (sequence 1 onward is all there), or copied
     try:
         store = await Store.open(path, synchronous=cfg.snapshots.synchronous)
     except StoreDamagedError as exc:
@@ -126,5 +128,6 @@ async def open_store(cfg: Config, events_info: Any, *, rebuilding: bool = False)
             f"Restore {path} from a backup"
         )
     if store.created and int(events_info.state.messages or 0) and not rebuilding:
-        log.warning("snapshot_store_new", path=str(path), action="rebuilding state from the stream")
+        action = "restoring from the cluster copy, else rebuilding from the stream" if copied else "rebuilding state from the stream"
+        log.warning("snapshot_store_new", path=str(path), action=action)
     return store

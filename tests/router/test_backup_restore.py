@@ -38,7 +38,9 @@ def frozen_clock() -> int:
 def write_config(url: str, folder: Path) -> Path:
     path = folder / "config.toml"
     path.write_text(
-        f'[nats]\nurl = "{url}"\n\n[snapshots]\npath = "{folder / "data" / "router.db"}"\nevery = "200ms"\n\n'
+        f'[nats]\nurl = "{url}"\n\n[snapshots]\npath = "{folder / "data" / "router.db"}"\nevery = "200ms"\n'
+        # (with the cluster copy on, a restored backup is brought up to the copy at start)
+        "cluster_copy = false\n\n"
         '[log]\nlevel = "warning"\n'
     )
     return path

@@ -35,7 +35,9 @@ DAY_US = 86_400_000_000
 
 async def _first_run(nats_server: Any, tmp_path: Path, rp: RouterProcess, count: int = 4000) -> Any:
     """Start the router, feed it a day with bad input, let it settle, stop it (SIGTERM); the config."""
-    cfg = write_config(tmp_path / "config.toml", nats_server.url)
+    # The local store alone: with the cluster copy on, a lost or damaged store is restored from
+    # it instead (tests/router/test_cluster_copy.py).
+    cfg = write_config(tmp_path / "config.toml", nats_server.url, snapshots={"cluster_copy": False})
     rp.start()
     await wait_healthy(nats_server.url, rp)
     now_us = time.time_ns() // 1000 + DAY_US
