@@ -606,8 +606,10 @@ class Bench:
                     await publish_core(srv.url, msgs)
                     d = self.work.fresh(f"copy-{'on' if on else 'off'}")
                     await self.quiet(f"{scen} run {run + 1} copy {'on' if on else 'off'}")
+                    # A snapshot every tenth of the run (both ways), so the copy's writes fall
+                    # within the measured span (the default 100k events / 5 s would write none).
                     rate, router_cpu, _loop, stats = await self._router_catchup(
-                        d, srv.url, n, snapshots={"cluster_copy": on})
+                        d, srv.url, n, snapshots={"cluster_copy": on, "every_events": n // 10})
                     got[on] = (rate, router_cpu, stats)
                 (r_on, c_on, st_on), (r_off, c_off, _st) = got[True], got[False]
                 res.add(scen, name, r_on, r_off)

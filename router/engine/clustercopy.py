@@ -95,13 +95,24 @@ class PartitionCopy:
         await self.store.take_blob(f"key_filter:{self.index}")
         n = 0
         chunk: list[ActorRecord] = []
-        async for batch in self.copy.read_actors(self.index):
-            for kind, key, a in batch:
-                chunk.append(ActorRecord(kind, key, a.last_seq, a.state, a.timers))
-            if len(chunk) >= RESTORE_CHUNK:
-                await self.store.write_actors(self.index, chunk, fence=self.fence)
-                n += len(chunk)
-                chunk = []
+        # Read and write at once: the store writes in its own thread while the next batch is read.
+        send, receive = anyio.create_memory_object_stream[list[ActorRecord]](1)
+
+        async def write_chunks() -> None:
+            async with receive:
+                async for rows in receive:
+                    await self.store.write_actors(self.index, rows, fence=self.fence)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(write_chunks)
+            async with send:
+                async for batch in self.copy.read_actors(self.index):
+                    for kind, key, a in batch:
+                        chunk.append(ActorRecord(kind, key, a.last_seq, a.state, a.timers))
+                    if len(chunk) >= RESTORE_CHUNK:
+                        n += len(chunk)
+                        await send.send(chunk)
+                        chunk = []
         n += len(chunk)
         # The marks with the last actors: a crash before this leaves the local store behind,
         # and the next start restores again.
