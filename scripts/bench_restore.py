@@ -23,12 +23,12 @@ from nats.aio.client import Client as NATS
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_lib import Server  # noqa: E402
+from bench_lib import Server
 
-from router.engine.clustercopy import PartitionCopy  # noqa: E402
-from router.jetstream.parser import FastParser  # noqa: E402
-from router.jetstream.statecopy import CopyMarks, StateCopy  # noqa: E402
-from snapshots.store import ActorRecord, Store  # noqa: E402
+from router.engine.clustercopy import PartitionCopy
+from router.jetstream.parser import FastParser
+from router.jetstream.statecopy import CopyMarks, StateCopy
+from snapshots.store import ActorRecord, Store
 
 NOW_US = 1_700_000_000_000_000
 HOUR_US = 3_600_000_000

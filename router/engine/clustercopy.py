@@ -32,8 +32,8 @@ import anyio
 import structlog
 
 from router.engine.ownership import LeaseLost
-from router.jetstream.statecopy import CopyConflict, CopyMarks, CopyUnavailable, StateCopy
-from snapshots import ActorRecord, Store
+from router.jetstream.statecopy import CopyConflict, CopyMarks, CopyUnavailable, StateCopy, encode_open_set
+from snapshots import ActorRecord, OpenRows, Store, open_index
 
 log = structlog.get_logger()
 
@@ -93,6 +93,7 @@ class PartitionCopy:
         started = time.monotonic()
         # A key filter saved by an older store does not know the keys created since: drop it.
         await self.store.take_blob(f"key_filter:{self.index}")
+        opened = await self.copy.read_open_sets(self.index)
         n = 0
         chunk: list[ActorRecord] = []
         # Read and write at once: the store writes in its own thread while the next batch is read.
@@ -108,7 +109,10 @@ class PartitionCopy:
             async with send:
                 async for batch in self.copy.read_actors(self.index):
                     for kind, key, a in batch:
-                        chunk.append(ActorRecord(kind, key, a.last_seq, a.state, a.timers))
+                        rows = opened.get((kind, key))
+                        # The key's open set replaces whatever the older local store had for it.
+                        open_rows = OpenRows(clear=True, put=tuple(rows) if rows else ())
+                        chunk.append(ActorRecord(kind, key, a.last_seq, a.state, a.timers, open_rows))
                     if len(chunk) >= RESTORE_CHUNK:
                         n += len(chunk)
                         await send.send(chunk)
@@ -134,7 +138,12 @@ class PartitionCopy:
             page = await self.store.partition_actors(self.index, after, UPLOAD_PAGE, newer_than)
             if not page:
                 break
-            await self.copy.write_actors(self.index, page, self.fence)
+            # With each key's whole open set (an empty one too: the copy may hold an older one).
+            sets: dict[tuple[str, str], list[tuple[str, str, str, str]]] = {(r.kind, r.key): [] for r in page}
+            for row in await open_index.of_keys(self.store, list(sets)):
+                sets[(row.kind, row.key)].append((row.rule, row.location, row.severity, row.payload))
+            open_sets = [(kind, key, encode_open_set(sorted(rows))) for (kind, key), rows in sets.items()]
+            await self.copy.write_actors(self.index, page, self.fence, open_sets=open_sets)
             n += len(page)
             after = (page[-1].kind, page[-1].key)
             if len(page) < UPLOAD_PAGE:
@@ -154,15 +163,38 @@ class PartitionCopy:
 
     async def write(self, rows: Sequence[ActorRecord], applied: int, effects: int) -> None:
         """A snapshot's actors, then its marks. CopyUnavailable: not written (try again later)."""
-        if self.fence is not None:
-            self.fence()
-        await self.copy.write_actors(self.index, rows, self.fence)
+        await self.write_actors(rows)
         await self._write_marks(applied, effects)
 
     async def write_actors(self, rows: Sequence[ActorRecord]) -> None:
+        """Actors, and the whole open set of each whose open set changed (see `_open_sets`)."""
         if self.fence is not None:
             self.fence()
-        await self.copy.write_actors(self.index, rows, self.fence)
+        await self.copy.write_actors(self.index, rows, self.fence, open_sets=await self._open_sets(rows))
+
+    async def _open_sets(self, rows: Sequence[ActorRecord]) -> list[tuple[str, str, bytes]]:
+        """The open exceptions of each key among `rows` whose record carries changes to them: the
+        local store's rows (written up to the last snapshot; this one is written after the copy)
+        with the changes laid over, as `snapshots.open_index.put_open` applies them. The bucket
+        keeps the last value of a key only, so it holds whole sets, not changes."""
+        changed = [r for r in rows if r.open is not None]
+        if not changed:
+            return []
+        stored: dict[tuple[str, str], dict[tuple[str, str], tuple[str, str]]] = {}
+        for row in await open_index.of_keys(self.store, [(r.kind, r.key) for r in changed]):
+            stored.setdefault((row.kind, row.key), {})[(row.rule, row.location)] = (row.severity, row.payload)
+        out = []
+        for r in changed:
+            o = r.open
+            assert o is not None
+            cur = {} if o.clear else dict(stored.get((r.kind, r.key), {}))
+            for entry in o.drop:
+                cur.pop(entry, None)
+            for rule, loc, sev, payload in o.put:
+                cur[(rule, loc)] = (sev, payload)
+            full = [(rule, loc, sev, payload) for (rule, loc), (sev, payload) in sorted(cur.items())]
+            out.append((r.kind, r.key, encode_open_set(full)))
+        return out
 
     async def _write_marks(self, applied: int, effects: int) -> None:
         if self.fence is not None:

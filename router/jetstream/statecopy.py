@@ -79,6 +79,14 @@ _MARKS_ENC: Final = msgspec.json.Encoder()
 _MARKS_DEC: Final = msgspec.json.Decoder(CopyMarks)
 _ACTOR_ENC: Final = msgspec.msgpack.Encoder()
 _ACTOR_DEC: Final = msgspec.msgpack.Decoder(CopiedActor)
+# A key's open exceptions (p<partition>.o.<kind>.<key>): the whole set, [(rule, location, severity, payload)].
+OpenSet = list[tuple[str, str, str, str]]
+_OPEN_ENC: Final = msgspec.msgpack.Encoder()
+_OPEN_DEC: Final = msgspec.msgpack.Decoder(list[tuple[str, str, str, str]])
+
+
+def encode_open_set(rows: OpenSet) -> bytes:
+    return _OPEN_ENC.encode(rows)
 
 
 class CopyUnavailable(Exception):
@@ -190,14 +198,14 @@ class StateCopy:
 
     async def write_actors(
         self, partition: int, rows: Sequence[Any], fence: Callable[[], None] | None = None,
-        *, within: float = 30.0,
+        *, within: float = 30.0, open_sets: Sequence[tuple[str, str, bytes]] = (),
     ) -> None:
         """Write actor records (`snapshots.ActorRecord`s) and wait until the stream stored all.
 
         Sent in windows of WINDOW; what is not confirmed within ACK_WAIT_S is sent again. Raises
         CopyUnavailable when they are not all stored within `within` seconds; `fence()` is asked
         before every window (what it raises stops the write)."""
-        if not rows:
+        if not rows and not open_sets:
             return
         nc = self.nc
         prefix = f"{self.prefix}p{partition}.a."
@@ -215,6 +223,11 @@ class StateCopy:
             if not i & 1023:
                 await anyio.lowlevel.checkpoint()
         self.actors_written += len(rows)
+        head_open = f"{self.prefix}p{partition}.o.".encode()
+        for kind, key, payload in open_sets:
+            subject = b"%s%s.%s" % (head_open, kind.encode(), key.encode())
+            pending.append((subject, payload))
+            self.bytes_written += len(payload) + len(subject)
         reply = inbox.encode()
         while pending:
             if time.monotonic() >= deadline:
@@ -266,12 +279,27 @@ class StateCopy:
 
     async def read_actors(self, partition: int) -> AsyncIterator[list[tuple[str, str, CopiedActor]]]:
         """The partition's actors in the copy, in batches of (kind, key, value)."""
+        async for batch in self.read_section(partition, "a"):
+            yield [(kind, key, _ACTOR_DEC.decode(data)) for kind, key, data in batch]
+
+    async def read_open_sets(self, partition: int) -> dict[tuple[str, str], list[tuple[str, str, str, str]]]:
+        """{(kind, key): [(rule, location, severity, payload)]} of the partition's open exceptions."""
+        out: dict[tuple[str, str], list[tuple[str, str, str, str]]] = {}
+        async for batch in self.read_section(partition, "o"):
+            for kind, key, data in batch:
+                rows = _OPEN_DEC.decode(data)
+                if rows:
+                    out[(kind, key)] = rows
+        return out
+
+    async def read_section(self, partition: int, section: str) -> AsyncIterator[list[tuple[str, str, bytes]]]:
+        """The values under `p<partition>.<section>.>`, in batches of (kind, key, raw value)."""
         info = await self.nc.jsm().stream_info(self.stream)
         upto = int(info.state.last_seq or 0)
         if not upto:
             return
-        filt = f"{self.prefix}p{partition}.a.>"
-        skip = len(self.prefix) + len(f"p{partition}.a.")
+        filt = f"{self.prefix}p{partition}.{section}.>"
+        skip = len(self.prefix) + len(f"p{partition}.{section}.")
         # (status, subject, stream sequence, payload) of each reply.
         replies: list[tuple[bytes, str, int, bytes]] = []
         arrived = anyio.Event()
@@ -308,7 +336,7 @@ class StateCopy:
             while seq <= upto:
                 req = msgspec.json.encode({"seq": seq, "next_by_subj": filt, "batch": READ_BATCH})
                 await self.nc.publish(f"$JS.API.DIRECT.GET.{self.stream}", req, reply=inbox)
-                batch: list[tuple[str, str, CopiedActor]] = []
+                batch: list[tuple[str, str, bytes]] = []
                 last = 0
                 done = False
                 with anyio.fail_after(self.timeout * 2):
@@ -328,7 +356,7 @@ class StateCopy:
                                 break
                             last = mseq
                             kind, _, key = subj[skip:].partition(".")
-                            batch.append((kind, key, _ACTOR_DEC.decode(data)))
+                            batch.append((kind, key, data))
                         else:
                             continue
                         break
@@ -360,5 +388,6 @@ __all__ = [
     "bucket_name",
     "decode_actor",
     "encode_actor",
+    "encode_open_set",
     "marks_key",
 ]

@@ -7,6 +7,7 @@ messages exactly once, and every key's state.
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -19,7 +20,9 @@ import pytest
 
 from router.jetstream.statecopy import bucket_name, decode_actor, marks_key
 from tests.router.test_faults import Publisher, future_workload, ready_this_run
+from tests.router.test_open import gather_all
 from tests.support.harness import stream_last_seq, wait_for
+from tests.support.oracle import open_entries, without_detected_at
 from tests.support.procs import (
     check_all_states,
     router_process,
@@ -41,8 +44,6 @@ async def copy_contents(url: str, partition: int = 0) -> tuple[dict[str, Any], d
     nc = await nats.connect(url)
     try:
         kv = await nc.jetstream().key_value(bucket_name("router"))
-        import json
-
         marks = json.loads((await kv.get(marks_key(partition))).value or b"{}")
         actors: dict[tuple[str, str], int] = {}
         prefix = f"p{partition}.a."
@@ -56,6 +57,19 @@ async def copy_contents(url: str, partition: int = 0) -> tuple[dict[str, Any], d
         await nc.close()
 
 
+async def open_set_is_the_folds(url: str, exp: Any) -> None:
+    """`router.exceptions.open` holds the fold's open exceptions (CONTRACT 5.1)."""
+    want = open_entries(exp)
+    assert len(want) > 20, "the workload must leave exceptions open"
+    nc = await nats.connect(url)
+    try:
+        got, total = await gather_all(nc, {})
+    finally:
+        await nc.close()
+    assert without_detected_at(got) == want
+    assert total == len(want)
+
+
 @pytest.mark.parametrize("partitions", [1, 3])
 async def test_data_folder_deleted_while_down_restores_from_the_cluster(
     nats_server: Any, tmp_path: Path, partitions: int
@@ -65,11 +79,17 @@ async def test_data_folder_deleted_while_down_restores_from_the_cluster(
     url = nats_server.url
     cfg = write_config(tmp_path / "config.toml", url, router={"partitions": partitions})
     messages = future_workload(seed=21, count=12_000)
+    # Exceptions left open (low stock at some of the locations), for the open set to be restored too.
+    messages[4_000:4_000] = [
+        (f"events.sku.OPEN-{i:03d}", json.dumps({"type": "counted", "location": f"DS-{i % 4}", "on_hand": i % 9 - 2}).encode())
+        for i in range(200)
+    ]
     with router_process(tmp_path / "config.toml") as rp:
         try:
             await wait_healthy(url, rp)
             await Publisher(url, messages[:8_000]).run(2_000, 0.02)
-            await settled_exactly_once(url, cfg, rp)
+            exp_before = await settled_exactly_once(url, cfg, rp)
+            await open_set_is_the_folds(url, exp_before)
             rc, _took = await anyio.to_thread.run_sync(rp.terminate, 15)
             assert rc == 0, rp.tail()
             applied_at_stop = events(rp, "router_stopped")[-1]["applied_seq"]
@@ -88,9 +108,11 @@ async def test_data_folder_deleted_while_down_restores_from_the_cluster(
             assert sum(e["actors"] for e in restored) == len(copied) > 100
             ready = events(rp, "partition_ready")[-partitions:]
             assert sorted(e["applied_seq"] for e in ready) == sorted(applied_at_stop)  # nothing replayed
+            await open_set_is_the_folds(url, exp_before)  # restored with the states
             await Publisher(url, messages[8_000:]).run(2_000, 0.02)
             exp = await settled_exactly_once(url, cfg, rp)
             assert exp.exception_ids
+            await open_set_is_the_folds(url, exp)
         except BaseException:
             print(rp.tail(60))
             raise
@@ -116,6 +138,7 @@ async def test_restore_needs_no_history_in_the_stream(nats_server: Any, tmp_path
             shutil.rmtree(tmp_path / "data")
             rp.start()
             await wait_healthy(url, rp)
+            await wait_for(lambda: ready_this_run(rp, 1), 30)
             assert events(rp, "state_restored_from_cluster"), rp.tail()
             assert await check_all_states(url, exp) > 100
         except BaseException:
