@@ -1,7 +1,7 @@
 """The issue-4 benchmark: the router against raw baselines measured in the same run.
 
 Run it with `scripts/bench` (see docs/benchmark.md). Scenarios: catchup, alerts, latency,
-keys, restart, snapshot. Each figure is the median over `--runs` runs; a ratio is the median
+keys, restart, snapshot, console. Each figure is the median over `--runs` runs; a ratio is the median
 of the per-run ratios router/baseline. The table is printed at the end and written as JSON
 to bench-results/<timestamp>.json. It is a benchmark, not a test: it fails (exit 1) only
 when a scenario could not run, never because a target was missed.
@@ -54,8 +54,9 @@ from bench_lib import (
 
 # The router's CPU split: all threads (SQLite's included) against the event loop's own.
 LOOP_CPU = "CPU per event in the event loop's thread"
-SCENARIOS = ("catchup", "alerts", "latency", "keys", "restart", "snapshot", "ingest", "copy")
+SCENARIOS = ("catchup", "alerts", "latency", "keys", "restart", "snapshot", "ingest", "copy", "console")
 LIB = str(Path(__file__).resolve().parent / "bench_lib.py")
+CONSOLE_CLIENTS = 20  # the console scenario's live-page users
 T_START = time.monotonic()
 
 
@@ -345,6 +346,8 @@ def write_config(d: Path, url: str, **sections: dict[str, Any]) -> Path:
         "nats": {"url": url},
         "snapshots": {"path": str(d / "router.db")},
         "log": {"level": "info", "format": "json"},
+        # The console as `router run` serves it, on a free port (never a fixed one: see the console scenario).
+        "http": {"listen": "127.0.0.1:0"},
     }
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
@@ -684,6 +687,64 @@ class Bench:
                 res.add(scen, "exceptions received / expected",
                         len(r.samples) / max(1, r.alerts * LatencyMix.EXCEPTIONS_PER_ALERT))
 
+    # -- console ---------------------------------------------------------------------
+
+    async def console(self) -> None:
+        """The latency scenario twice per run, the router alone: `[http] listen = "off"`, and with
+        the console serving CONSOLE_CLIENTS feed streams and a /metrics scrape every second (the
+        clients in a process of their own). Same workload, order alternating between runs."""
+        s, res = self.s, self.res
+        scen = "console"
+        p99 = f"p99 @ {s.rate:,}/s, {CONSOLE_CLIENTS} feed clients + /metrics every 1 s vs console off"
+        p50 = f"p50 @ {s.rate:,}/s, {CONSOLE_CLIENTS} feed clients + /metrics every 1 s vs console off"
+        res.define(scen, p99, "ms", "<= 1.10x console off", lambda r, b, x: x is not None and x <= 1.10)
+        res.define(scen, p50, "ms")
+        res.define(scen, "feed events per client / exceptions", "x", "1.00", lambda r, b, x: r >= 0.999)
+        with nats_server() as srv:
+            for run in range(s.runs):
+                out: dict[str, Window] = {}
+                delivered = 0.0
+                for who in (("off", "on") if run % 2 == 0 else ("on", "off")):
+                    await reset_streams(srv.url)
+                    d = self.work.fresh(f"console-{who}")
+                    mix = LatencyMix(seed=run)
+                    await self.quiet(f"console run {run + 1} {who}")
+                    listen = "127.0.0.1:0" if who == "on" else "off"
+                    child, _ = await start_router(d, write_config(d, srv.url, http={"listen": listen}))
+                    load: Child | None = None
+                    try:
+                        await prewarm(srv.url, child, mix)
+                        if who == "on":
+                            base = (d / "http.url").read_text().strip()
+                            load = Child("console-load", ["console-load", "--base", base, "--clients",
+                                                          str(CONSOLE_CLIENTS), "--scrape-every", "1"],
+                                         d / "console-load.log")
+                            await load.start()
+                            await load.recv(60)  # every stream has its first tick
+                        out[who] = await latency_window(srv.url, s.warmup_s + s.latency_s, s.rate, mix,
+                                                        LatencyMix.EXCEPTIONS_PER_ALERT)
+                        if load is not None:
+                            last = await load.stop(30)
+                            load = None
+                            if last is None or last.get("feed_errors") or last.get("scrape_errors"):
+                                raise ChildError(f"console-load: {last}")
+                            delivered = last["raise_or_clear"] / CONSOLE_CLIENTS / max(1, len(out[who].samples))
+                            progress(f"console run {run + 1}/{s.runs} load: {last['scrapes']} scrapes "
+                                     f"(slowest {last['scrape_ms_max']:.1f} ms), "
+                                     f"{last['feed_bytes'] / CONSOLE_CLIENTS / 1024:.0f} KiB per feed client")
+                    finally:
+                        if load is not None:
+                            await load.stop(10)
+                        await child.stop()
+                    since = out[who].start_us + int(s.warmup_s * 1e6)
+                    progress(f"console run {run + 1}/{s.runs} console {who}: {describe(out[who], since)}")
+                on, off = out["on"], out["off"]
+                on_l = on.latencies_ms(on.start_us + int(s.warmup_s * 1e6))
+                off_l = off.latencies_ms(off.start_us + int(s.warmup_s * 1e6))
+                res.add(scen, p99, pct(on_l, 0.99), pct(off_l, 0.99))
+                res.add(scen, p50, pct(on_l, 0.5), pct(off_l, 0.5))
+                res.add(scen, "feed events per client / exceptions", delivered)
+
     # -- keys and restart ------------------------------------------------------------
 
     async def keys(self, restart: bool) -> None:
@@ -943,6 +1004,8 @@ async def run_all(args: argparse.Namespace, sizes: Sizes, results: Results) -> N
         steps.append(("ingest", lambda: ingest_scenario(sizes, results, work)))
     if "copy" in only:
         steps.append(("copy", bench.copy))
+    if "console" in only:
+        steps.append(("console", bench.console))
     failed = False
     try:
         for name, step in steps:

@@ -743,6 +743,14 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--url", required=True)
     c.add_argument("--count", type=int, required=True)
     c.add_argument("--start-seq", type=int, default=1)
+    sub.add_parser("console-load", help="the console's users: feed streams and /metrics scrapes", add_help=False)
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["console-load"]:
+        from bench_console import main as console_main
+
+        console_main(argv[1:])
+        return
     args = ap.parse_args(argv)
     if args.what == "host":
         sys.exit(host(args.config, args.mark, args.trace_stalls))

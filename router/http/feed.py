@@ -25,26 +25,28 @@ Events (each `event: <name>` then one `data:` line of JSON, then a blank line):
   Counters are this instance's (the partitions it runs).
 
 A comment line (`: keep-alive`) goes out every `HEARTBEAT_S` seconds so proxies keep the
-connection open; `retry: 2000` asks the browser to reconnect after 2 s.
+connection open; `retry: 2000` asks the browser to reconnect after 2 s. A client's events
+are written in batches, at most every `FLUSH_S` (0.1 s).
 
 Cost: one core NATS subscription on `exceptions.>` per process, made when the first client
 connects and dropped when the last leaves; the tick runs only while someone listens. Each
-message is framed once and handed to every client's bounded buffer (`CLIENT_BUFFER` frames):
-a client whose buffer is full (it does not read) is dropped, never waited for. The stream
-ends when the server stops (`ctx.stopping`).
+message is framed once into one bounded list of frames (`BACKLOG`) that every client reads
+from with its own cursor: a client that falls more than `BACKLOG` frames behind (it does not
+read) is dropped, never waited for. The stream ends when the server stops (`ctx.stopping`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
+from collections import deque
 from typing import Any, Final
 
 import anyio
 import msgspec
 import structlog
-from anyio.streams.memory import MemoryObjectReceiveStream
 from nats.aio.msg import Msg
 from starlette.routing import BaseRoute
 from starlette.types import Receive, Scope, Send
@@ -56,10 +58,16 @@ log = structlog.get_logger()
 
 TICK_S: Final = 1.0
 HEARTBEAT_S: Final = 15.0
-CLIENT_BUFFER: Final = 512
+# A client's writes are gathered for this long: at most ~10 writes a second per client,
+# whatever the rate of exceptions (a browser does not see the difference).
+FLUSH_S: Final = 0.1
+# Frames kept for the clients: one that falls further behind (it does not read) is dropped.
+BACKLOG: Final = 4096
 MAX_CLIENTS: Final = 200
 SUBJECT: Final = "exceptions.>"
 _INCOMPLETE: Final = "ASGI callable returned without completing response."
+_RAISED: Final = b'"status":"raised"'
+_CLEARED: Final = b'"status":"cleared"'
 
 
 class _Status(msgspec.Struct):
@@ -76,24 +84,66 @@ def frame(event: str, data: bytes) -> bytes:
     return b"event: " + event.encode() + b"\n" + b"".join(b"data: " + line + b"\n" for line in lines) + b"\n"
 
 
+def event_of(payload: bytes) -> str | None:
+    """`raise`, `clear` or None for an exception payload (the router writes compact JSON)."""
+    if _RAISED in payload:
+        return "raise"
+    if _CLEARED in payload:
+        return "clear"
+    try:
+        status = _STATUS.decode(payload).status
+    except msgspec.DecodeError:
+        return None
+    return "raise" if status == "raised" else "clear" if status == "cleared" else None
+
+
 class _Client:
-    def __init__(self) -> None:
-        self.send, self.receive = anyio.create_memory_object_stream[bytes](CLIENT_BUFFER)
+    def __init__(self, cursor: int) -> None:
+        self.cursor = cursor  # the sequence of the next frame it has not been sent
         self.scope = anyio.CancelScope()
         self.dropped = False
 
 
 class Feed:
-    """The fan-out: one NATS subscription and one tick loop for every client of this server."""
+    """The fan-out: one NATS subscription, one tick loop and one list of frames for every client.
+
+    A frame is appended once (`frames`, numbered from `first_seq`); each client keeps a cursor
+    into it and writes what it has not sent, at most every FLUSH_S. Appending costs the same
+    with one client or two hundred. The tick loop drops the clients that fell more than
+    BACKLOG frames behind (their writes are blocked: they do not read)."""
 
     def __init__(self, ctx: HttpContext) -> None:
         self.ctx = ctx
         self.clients: set[_Client] = set()
+        self.frames: deque[bytes] = deque()
+        self.first_seq = 0  # the sequence of frames[0]
+        self.next_seq = 0
+        self.wake = anyio.Event()
         self._sub: Any = None
         self._tick_scope: anyio.CancelScope | None = None
         self._last: tuple[float, int, int] | None = None  # (monotonic, processed, exceptions)
         self.dropped = 0
         self.delivered = 0
+
+    # --- frames ---------------------------------------------------------------------------------
+
+    def append(self, data: bytes) -> None:
+        self.frames.append(data)
+        self.next_seq += 1
+        if len(self.frames) > BACKLOG:
+            self.frames.popleft()
+            self.first_seq += 1
+        if not self.wake.is_set():
+            self.wake.set()
+
+    def pending(self, client: _Client) -> bytes | None:
+        """What `client` has not been sent (advancing its cursor), or None when it fell too far behind."""
+        if client.cursor < self.first_seq:
+            return None
+        start = client.cursor - self.first_seq
+        chunk = b"".join(itertools.islice(self.frames, start, None))
+        client.cursor = self.next_seq
+        return chunk
 
     # --- clients ------------------------------------------------------------------------------
 
@@ -104,45 +154,40 @@ class Feed:
 
     async def _leave(self, client: _Client) -> None:
         self.clients.discard(client)
-        client.send.close()
         if not self.clients:
             await self._stop()
 
-    def _broadcast(self, data: bytes) -> None:
+    def _drop_laggards(self) -> None:
         for client in list(self.clients):
-            try:
-                client.send.send_nowait(data)
-            except anyio.WouldBlock:
+            if client.cursor < self.first_seq:
                 self._drop(client)
-            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                self.clients.discard(client)
 
     def _drop(self, client: _Client) -> None:
-        """A client that does not read: its response ends now (never waited for)."""
+        """A client that does not read: its response ends now, unfinished (never waited for)."""
+        if client.dropped:
+            return
         self.dropped += 1
         client.dropped = True
         self.clients.discard(client)
         client.scope.cancel()
-        log.info("feed_client_dropped", reason="not reading", buffered=CLIENT_BUFFER)
+        log.info("feed_client_dropped", reason="not reading", behind_frames=self.next_seq - client.cursor)
 
     # --- sources -------------------------------------------------------------------------------
 
     async def _start(self) -> None:
         async def on_exception(msg: Msg) -> None:
-            try:
-                status = _STATUS.decode(msg.data).status
-            except msgspec.DecodeError:
-                return
-            event = "raise" if status == "raised" else "clear" if status == "cleared" else None
+            event = event_of(msg.data)
             if event is not None:
                 self.delivered += 1
-                self._broadcast(frame(event, msg.data))
+                self.append(frame(event, msg.data))
 
+        self.frames.clear()
+        self.first_seq = self.next_seq
         self._sub = await self.ctx.nc.subscribe(SUBJECT, cb=on_exception, pending_msgs_limit=65536)
         self._last = None
         scope = anyio.CancelScope()
         self._tick_scope = scope
-        # The tick loop lives in the server's task group (see `serve`), not in a request's.
+        # The tick loop lives in the server's task group (see router.http.server), not in a request's.
         self.ctx.spawn(self._tick_loop, scope)
 
     async def _stop(self) -> None:
@@ -150,6 +195,8 @@ class Feed:
         if self._tick_scope is not None:
             self._tick_scope.cancel()
             self._tick_scope = None
+        self.frames.clear()
+        self.first_seq = self.next_seq
         if sub is not None:
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -157,7 +204,8 @@ class Feed:
     async def _tick_loop(self, scope: anyio.CancelScope) -> None:
         with scope:
             while True:
-                self._broadcast(frame("tick", _ENC.encode(self.tick())))
+                self._drop_laggards()
+                self.append(frame("tick", _ENC.encode(self.tick())))
                 await anyio.sleep(TICK_S)
 
     def tick(self) -> dict[str, Any]:
@@ -183,12 +231,7 @@ class Feed:
             "ready": h.ready and bool(h.partitions),
             "status": h.status,
             "partitions": [
-                {
-                    "partition": p.partition,
-                    "applied_seq": p.applied_seq,
-                    "lag": p.lag,
-                    "caught_up": p.caught_up,
-                }
+                {"partition": p.partition, "applied_seq": p.applied_seq, "lag": p.lag, "caught_up": p.caught_up}
                 for p in h.partitions
             ],
         }
@@ -197,43 +240,30 @@ class Feed:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if len(self.clients) >= MAX_CLIENTS:
-            body = (
-                b'{"error": "too_many_clients", "detail": "the feed serves at most %d clients"}' % MAX_CLIENTS
-            )
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 503,
-                    "headers": [(b"content-type", b"application/json"), (b"retry-after", b"5")],
-                }
-            )
+            body = b'{"error": "too_many_clients", "detail": "the feed serves at most %d clients"}' % MAX_CLIENTS
+            await send({"type": "http.response.start", "status": 503,
+                        "headers": [(b"content-type", b"application/json"), (b"retry-after", b"5")]})
             await send({"type": "http.response.body", "body": body})
             return
-        client = _Client()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"text/event-stream; charset=utf-8"),
-                    (b"cache-control", b"no-store"),
-                    (b"x-accel-buffering", b"no"),  # nginx: pass each event on at once
-                ],
-            }
-        )
-        hello = {
-            "instance": self.ctx.rt.instance,
-            "partition_count": self.ctx.cfg.router.partitions,
-            "tick_s": TICK_S,
-        }
-        await send(
-            {
-                "type": "http.response.body",
-                "body": b"retry: 2000\n\n" + frame("hello", _ENC.encode(hello)),
-                "more_body": True,
-            }
-        )
+        await send({
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"text/event-stream; charset=utf-8"),
+                (b"cache-control", b"no-store"),
+                (b"x-accel-buffering", b"no"),  # nginx: pass each event on at once
+            ],
+        })
+        hello = {"instance": self.ctx.rt.instance, "partition_count": self.ctx.cfg.router.partitions, "tick_s": TICK_S}
+        await send({"type": "http.response.body", "body": b"retry: 2000\n\n" + frame("hello", _ENC.encode(hello)),
+                    "more_body": True})
+        first = not self.clients
+        client = _Client(self.next_seq)
         await self._join(client)
+        if not first:  # the newest tick at once (the first client's tick loop starts with one)
+            tick = next((f for f in reversed(self.frames) if f.startswith(b"event: tick")), None)
+            if tick is not None:
+                await send({"type": "http.response.body", "body": tick, "more_body": True})
         try:
             with client.scope:
                 async with anyio.create_task_group() as tg:
@@ -257,20 +287,22 @@ class Feed:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _pump(self, client: _Client, send: Send) -> None:
-        receive: MemoryObjectReceiveStream[bytes] = client.receive
         while True:
-            with anyio.move_on_after(HEARTBEAT_S):
-                data = await receive.receive()
-                # Whatever else is already buffered goes out in the same write.
-                chunks = [data]
-                while True:
-                    try:
-                        chunks.append(receive.receive_nowait())
-                    except anyio.WouldBlock:
-                        break
-                await send({"type": "http.response.body", "body": b"".join(chunks), "more_body": True})
-                continue
-            await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
+            if client.cursor == self.next_seq:
+                with anyio.move_on_after(HEARTBEAT_S) as idle:
+                    await self.wake.wait()
+                if idle.cancelled_caught:
+                    await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
+                    continue
+            await anyio.sleep(FLUSH_S)  # gather what else comes meanwhile into the same write
+            if self.wake.is_set():
+                self.wake = anyio.Event()  # the next append wakes the clients that wait again
+            chunk = self.pending(client)
+            if chunk is None:
+                self._drop(client)
+                return
+            if chunk:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
 
 def as_of_seq(parts: list[health_model.PartitionHealth]) -> int:
