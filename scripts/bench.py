@@ -410,6 +410,13 @@ async def raw_catchup(d: Path, url: str, count: int, start_seq: int = 1) -> tupl
 # ---------------------------------------------------------------------------- latency windows
 
 
+def proc_cpu_s(pid: int) -> float:
+    """CPU seconds (user and system, all threads) a process has used so far (/proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class _ExcTs(msgspec.Struct):
     event_ts: str | None = None
 
@@ -699,10 +706,13 @@ class Bench:
         p50 = f"p50 @ {s.rate:,}/s, {CONSOLE_CLIENTS} feed clients + /metrics every 1 s vs console off"
         res.define(scen, p99, "ms", "<= 1.10x console off", lambda r, b, x: x is not None and x <= 1.10)
         res.define(scen, p50, "ms")
+        cpu = "router CPU per event in the window (all threads)"
+        res.define(scen, cpu, "us")
         res.define(scen, "feed events per client / exceptions", "x", "1.00", lambda r, b, x: r >= 0.999)
         with nats_server() as srv:
             for run in range(s.runs):
                 out: dict[str, Window] = {}
+                used: dict[str, float] = {}
                 delivered = 0.0
                 for who in (("off", "on") if run % 2 == 0 else ("on", "off")):
                     await reset_streams(srv.url)
@@ -721,8 +731,10 @@ class Bench:
                                          d / "console-load.log")
                             await load.start()
                             await load.recv(60)  # every stream has its first tick
+                        cpu0 = proc_cpu_s(child.pid)
                         out[who] = await latency_window(srv.url, s.warmup_s + s.latency_s, s.rate, mix,
                                                         LatencyMix.EXCEPTIONS_PER_ALERT)
+                        used[who] = (proc_cpu_s(child.pid) - cpu0) / out[who].sent
                         if load is not None:
                             last = await load.stop(30)
                             load = None
@@ -743,6 +755,7 @@ class Bench:
                 off_l = off.latencies_ms(off.start_us + int(s.warmup_s * 1e6))
                 res.add(scen, p99, pct(on_l, 0.99), pct(off_l, 0.99))
                 res.add(scen, p50, pct(on_l, 0.5), pct(off_l, 0.5))
+                res.add(scen, cpu, used["on"] * 1e6, used["off"] * 1e6)
                 res.add(scen, "feed events per client / exceptions", delivered)
 
     # -- keys and restart ------------------------------------------------------------
