@@ -1,4 +1,4 @@
-"""The read API: /healthz, /readyz, /state/<kind>/<key>, /metrics (CONTRACT.md section 7).
+"""The read API: /healthz, /readyz, /state/<kind>/<key>, /exceptions/open, /metrics (CONTRACT.md section 7).
 
 /state answers section 5's reply: from this process (router.engine.queries.state_reply) when
 it runs the key's partition, else by asking its owner on `router.state.<kind>.<key>`. A kind
@@ -8,6 +8,7 @@ seen is `200` with `seq` 0 (never 404); no owner answering is `503` with `Retry-
 
 from __future__ import annotations
 
+import re
 from typing import Any, Final
 
 import msgspec
@@ -19,6 +20,7 @@ from starlette.routing import BaseRoute
 import actors
 from contracts import KEY_RE
 from router import health as health_model
+from router.engine.open_gather import BadFilter, Incomplete, gather_open
 from router.engine.queries import state_reply
 from router.http.context import HttpContext, route
 from router.jetstream.streams import partition_of
@@ -27,6 +29,8 @@ from snapshots import StoreDamagedError
 log = structlog.get_logger()
 
 STATE_TIMEOUT_S: Final = 3.0
+OPEN_WAIT_S: Final = 5.0
+_INT_RE: Final = re.compile(r"^-?[0-9]{1,9}$")
 _ENC: Final = msgspec.json.Encoder()
 _DEC: Final = msgspec.json.Decoder(dict[str, Any])
 
@@ -106,6 +110,23 @@ def routes(ctx: HttpContext) -> list[BaseRoute]:
             return error(502, "owner_failed", str(forwarded["error"]))
         return json_bytes(reply.data)
 
+    async def exceptions_open(request: Request) -> Response:
+        """Section 5.1's reply with every partition covered (`router.engine.open_gather`).
+
+        Query parameters are the filters; an absent or empty one is no filter. A bad filter is
+        `400 {"error": ...}`; partitions whose owner did not answer in time, `503`."""
+        try:
+            filters = open_filters(request.query_params.multi_items())
+            body = await gather_open(ctx.nc, filters, wait_s=OPEN_WAIT_S)
+        except BadFilter as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        except Incomplete as exc:
+            return JSONResponse(
+                {"error": str(exc), "missing": exc.missing, "partition_count": exc.partition_count},
+                status_code=503, headers={"Retry-After": "2"},
+            )
+        return json_bytes(_ENC.encode(body), headers={"Cache-Control": "no-store"})
+
     async def metrics(request: Request) -> Response:
         """Prometheus text exposition of the router's registry (OpenMetrics when the scraper asks)."""
         body, content_type = await rt.metrics.scrape(request.headers.get("accept", ""))
@@ -115,8 +136,26 @@ def routes(ctx: HttpContext) -> list[BaseRoute]:
         route("/healthz", healthz, access="public"),
         route("/readyz", readyz, access="public"),
         route("/state/{kind}/{key}", state),
+        route("/exceptions/open", exceptions_open),
         route("/metrics", metrics),
     ]
+
+
+def open_filters(items: list[tuple[str, str]]) -> dict[str, Any]:
+    """The filters of `/exceptions/open`'s query: empty values left out, `limit` as a number.
+
+    Checking the rest (names, values) is `router.engine.open_gather`'s, as for the NATS request."""
+    filters: dict[str, Any] = {}
+    for name, value in items:
+        if name in filters:
+            raise BadFilter(f"`{name[:40]}`: given twice")
+        if value == "":
+            continue
+        if name == "limit" and _INT_RE.match(value):
+            filters[name] = int(value)
+        else:
+            filters[name] = value
+    return filters
 
 
 def ready_now(h: health_model.Health) -> bool:

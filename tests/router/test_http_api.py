@@ -273,3 +273,61 @@ async def test_a_feed_client_that_does_not_read_is_dropped(tmp_path: Path, nats_
         assert "ASGI callable returned without completing response" not in rp.log_text()
         assert (await nats_state(nats_server.url, "sku", "SKU-SLOW"))["seq"] > 0
         print(f"feed: the client that did not read was dropped after {count} stockout pairs")
+
+
+async def test_exceptions_open_filters_pages_and_refuses_bad_filters(tmp_path: Path, nats_server: NatsServer) -> None:
+    from router.engine.open_gather import gather_open
+
+    with served(tmp_path, nats_server.url) as (_, sync_client):
+        wait_status(sync_client, "/readyz", 200)
+        # Three SKUs out of stock at one location (stockout, critical; low_stock, warning) and
+        # one low at another; a shipment delivered takes nothing open.
+        await publish(
+            nats_server.url,
+            [counted(f"SKU-O{i}", 0) for i in range(3)] + [counted("SKU-L", 2, "DEL-WH-1")],
+        )
+        async with async_client(sync_client) as client:
+            with anyio.fail_after(20):
+                while (await client.get("/exceptions/open")).json()["total"] < 7:
+                    await anyio.sleep(0.05)
+            everything = (await client.get("/exceptions/open")).json()
+            assert set(everything) == {"open", "total", "next", "partitions", "partition_count"}
+            assert everything["total"] == 7
+            assert everything["partitions"] == [0]
+            assert everything["partition_count"] == 1
+            assert everything["next"] is None
+            assert everything == await _gathered(nats_server.url, gather_open, {})
+            keys = [(e["kind"], e["key"], e["rule"], e["location"]) for e in everything["open"]]
+            assert keys == sorted(keys)
+            first = everything["open"][0]
+            assert set(first) >= {"id", "kind", "key", "rule", "status", "severity", "location", "message"}
+            assert first["status"] == "raised"
+
+            critical = (await client.get("/exceptions/open?kind=sku&severity=critical&rule=&location=")).json()
+            assert critical["total"] == 3
+            assert {e["rule"] for e in critical["open"]} == {"stockout"}
+            one = (await client.get("/exceptions/open", params={"key": "SKU-L", "location": "DEL-WH-1"})).json()
+            assert [(e["key"], e["rule"]) for e in one["open"]] == [("SKU-L", "low_stock")]
+
+            page1 = (await client.get("/exceptions/open?limit=4")).json()
+            assert len(page1["open"]) == 4
+            assert page1["total"] == 7
+            assert page1["next"]
+            page2 = (await client.get("/exceptions/open", params={"limit": "4", "after": page1["next"]})).json()
+            assert page1["open"] + page2["open"] == everything["open"]
+            assert page2["next"] is None
+
+            for query in ("colour=red", "kind=parcel", "rule=nope", "severity=fatal", "limit=0", "limit=1001",
+                          "limit=abc", "key=a.b", "after=not-a-cursor", "kind=sku&kind=shipment"):
+                r = await client.get(f"/exceptions/open?{query}")
+                assert r.status_code == 400, query
+                assert set(r.json()) == {"error"}, query
+                assert r.json()["error"], query
+
+
+async def _gathered(url: str, gather: Any, filters: dict[str, Any]) -> dict[str, Any]:
+    nc = await nats.connect(url)
+    try:
+        return await gather(nc, filters)  # type: ignore[no-any-return]
+    finally:
+        await nc.close()
