@@ -49,13 +49,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from router.http.server import http_service
     from router.jetstream.embedded import EmbeddedServerError
     from router.logs import configure_logging
+    from router.oncall.sink import oncall_service
     from router.secrets import resolve_all
 
     cfg = load_config(args.config)
     resolve_all(cfg)  # a secret's file or variable missing: a config error now, not at connect
     configure_logging(args.log_level or cfg.log.level, args.log_format or cfg.log.format)
     # Beside the engine, composed here (the engine imports none of them).
-    services: list[Service] = [s for s in (http_service(cfg),) if s is not None]
+    services: list[Service] = [s for s in (http_service(cfg), oncall_service(cfg)) if s is not None]
     try:
         return int(run_async(run, cfg, wall_clock_us, services))
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from typing import Any
 
 import anyio
@@ -23,6 +24,7 @@ from nats.aio.msg import Msg
 
 from contracts.config import Config
 from contracts.secrets import redact
+from router.engine.daemon import Service
 from router.errors import FatalError
 from router.jetstream.connection import connect_options
 from router.jetstream.embedded import read_url_file
@@ -89,6 +91,8 @@ async def run_sink(cfg: Config, url: str | None = None, *, task_status: Any = an
             "[oncall] names no target: set alertmanager, [oncall.pagerduty] routing_key or [oncall.webhook] url"
         )
     secrets = resolve_all(cfg)
+    # httpx logs every request at info; the sink logs what matters (retries, refusals) itself.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     folder = oncall_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     try:
@@ -141,7 +145,15 @@ async def _close(nc: NATS) -> None:
         await nc.close()
 
 
-async def service(rt: Any, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
-    """The sink as a service of `router run` (see router.engine.daemon.run): its own connection to
-    the router's server, started once the runtime is open, cancelled when the router stops."""
-    await run_sink(rt.cfg, rt.url, task_status=task_status)
+def oncall_service(cfg: Config) -> Service | None:
+    """The sink as a service of `router run` (see router.engine.daemon.run), or None when `[oncall]`
+    names no target or says `in_router = false`. It opens its own connection to the router's
+    server, starts once the runtime is open and is cancelled when the router stops."""
+    if not cfg.oncall.configured or not cfg.oncall.in_router:
+        return None
+    resolve_all(cfg)  # a routing key's or signing secret's file or variable missing: fails the start
+
+    async def service(rt: Any, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        await run_sink(rt.cfg, rt.url, task_status=task_status)
+
+    return service

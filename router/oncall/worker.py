@@ -145,7 +145,7 @@ class Worker:
         while True:
             try:
                 msgs = await sub.fetch(FETCH_BATCH, timeout=1.0)
-            except NatsTimeout:
+            except (NatsTimeout, TimeoutError):  # nothing new within the second
                 msgs = []
             except (NatsError, OSError) as exc:
                 log.warning("oncall_fetch_failed", target=self.target.name, error=repr(exc))

@@ -156,3 +156,56 @@ async def test_min_open_holds_back_a_flicker(nats_server: NatsServer, tmp_path: 
             status = read_status(cfg)
             assert status is not None
             assert status["targets"]["alertmanager"]["sent"]["close"] == 0
+
+
+async def test_inside_router_run_a_delivered_shipment_resolves(nats_server: NatsServer, tmp_path: Path) -> None:
+    """`router run` with [oncall] runs the sink too; a shipment's alerts carry its carrier, and once it
+    is delivered the one exception no clear ends (temperature_excursion) resolves as well."""
+    pytest.importorskip("router.engine.open_gather", reason="needs the router's open-exceptions query (5.1)")
+    from contracts.times import rfc3339
+    from tests.support.procs import router_process, wait_healthy, write_config
+
+    with running_alertmanager(tmp_path / "am") as am:
+        config = tmp_path / "router" / "config.toml"
+        cfg = write_config(config, nats_server.url, oncall={
+            "alertmanager": am.url, "resend_every": "2s", "reconcile_every": "1s",
+        })
+        with router_process(config) as rp:
+            await wait_healthy(nats_server.url, rp)
+            now = now_us()
+            await publish_all(nats_server.url, [
+                ("events.shipment.SHP-7", json.dumps({
+                    "type": "booked", "promised_by": rfc3339(now + 86_400_000_000), "carrier": "SURFACE-CO",
+                    "temp_min": 2.0, "temp_max": 8.0}).encode()),
+                ("events.shipment.SHP-7", json.dumps({
+                    "type": "in_transit", "eta": rfc3339(now + 2 * 86_400_000_000)}).encode()),
+                ("events.shipment.SHP-7", json.dumps({"type": "temperature", "celsius": 12.5}).encode()),
+            ])
+            risk = ("sla_at_risk", "shipment", "SHP-7", "")
+            temp = ("temperature_excursion", "shipment", "SHP-7", "")
+
+            async def both_active() -> bool:
+                got = await alerts(am)
+                return risk in got and temp in got
+
+            try:
+                await wait_for(both_active, 30, "both shipment alerts active")
+            except TimeoutError:
+                raise AssertionError(rp.tail()) from None
+            got = await alerts(am)
+            assert got[risk]["labels"]["carrier"] == "SURFACE-CO"
+            assert got[temp]["labels"] == {"alertname": "temperature_excursion", "kind": "shipment",
+                                           "key": "SHP-7", "severity": "critical", "carrier": "SURFACE-CO"}
+            await publish_all(nats_server.url, [("events.shipment.SHP-7", b'{"type":"delivered"}')])
+
+            async def none_left() -> bool:
+                return not await alerts(am)
+
+            try:
+                await wait_for(none_left, 30, "delivered: no alert left")
+            except TimeoutError:
+                raise AssertionError(f"{await alerts(am)}\n{rp.tail()}") from None
+            stored = [json.loads(m.data) for m in await read_stream(nats_server.url, cfg.streams.exceptions)]
+            # No clear was published for the excursion: the sink found the shipment finished.
+            assert [(e["rule"], e["status"]) for e in stored] == [
+                ("sla_at_risk", "raised"), ("temperature_excursion", "raised"), ("sla_at_risk", "cleared")]
