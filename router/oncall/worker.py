@@ -63,6 +63,7 @@ KEEPALIVE_S: Final = 15.0
 BACKOFF_FIRST_S: Final = 0.5
 BACKOFF_MAX_S: Final = 30.0
 TICK_S: Final = 0.5
+ROUTER_AWAY_S: Final = 15.0
 
 
 def wall_us() -> int:
@@ -91,6 +92,7 @@ class Worker:
         self.missing: dict[str, int] = {}
         self.extra: dict[str, int] = {}
         self.carriers: dict[str, str | None] = {}
+        self.router_away_until = 0.0
 
     @property
     def seeding(self) -> bool:
@@ -239,10 +241,12 @@ class Worker:
         """Whether the router still lists the raise as open: a raise on an entity that finished
         at the same event (a late delivery's `sla_breached`, spend after a campaign ended) never
         is, and is not sent. True when the router does not answer (better a page than none)."""
-        if not self.target.reconciles:
+        if not self.target.reconciles or time.monotonic() < self.router_away_until:
             return True
-        found = await all_open(self.nc, {"kind": exc["kind"], "key": exc["key"], "rule": exc["rule"]})
+        found = await all_open(self.nc, {"kind": exc["kind"], "key": exc["key"], "rule": exc["rule"]}, wait_s=2.0)
         if found is None:
+            # Not asked again for a while: a backlog must not wait for a router that is away.
+            self.router_away_until = time.monotonic() + ROUTER_AWAY_S
             return True
         akey = alerts.alert_key(exc)
         return any(alerts.alert_key(e) == akey for e in found)
@@ -269,6 +273,8 @@ class Worker:
             return None
         key = str(exc["key"])
         if key not in self.carriers:
+            if time.monotonic() < self.router_away_until:
+                return None
             carrier = None
             try:
                 reply = await self.nc.request(f"router.state.shipment.{key}", b"", timeout=2.0)
@@ -276,6 +282,8 @@ class Worker:
                 carrier = state.get("carrier") if isinstance(state.get("carrier"), str) else None
             except (NatsError, ValueError, TimeoutError, AttributeError) as error:
                 log.info("oncall_carrier_unknown", key=key, error=repr(error))
+                self.router_away_until = time.monotonic() + ROUTER_AWAY_S
+                return None
             if len(self.carriers) > 10_000:
                 self.carriers.clear()
             self.carriers[key] = carrier

@@ -141,3 +141,24 @@ async def test_sigkills_of_the_sink_leave_one_alert_per_open_exception(
                         f"other ids {[(k, got[k], want[k]) for k in set(got) & set(want) if got[k] != want[k]][:3]}\n"
                         f"{sink.tail()}"
                     ) from None
+
+                # What was sent, pending and failed: from the running sink, then from its file.
+                def status(*extra: str) -> subprocess.CompletedProcess[str]:
+                    return subprocess.run(
+                        [router_executable(), "oncall", "status", "--config", str(config), *extra],
+                        capture_output=True, text=True, timeout=30, check=False,
+                    )
+
+                done = await anyio.to_thread.run_sync(status, "--json")
+                assert done.returncode == 0, done.stderr
+                am_status = json.loads(done.stdout)["targets"]["alertmanager"]
+                assert am_status["open"] == len(want)
+                assert am_status["failed"] == 0
+                assert am_status["pending"] == {"stream": 0, "held": 0}
+                assert am_status["done_seq"] == len(stored)
+                text = await anyio.to_thread.run_sync(status)
+                assert text.stdout.startswith("# from router.oncall.status\n")
+                assert f"open {len(want)}; caught up (through seq {len(stored)})" in text.stdout
+                sink.kill()
+                text = await anyio.to_thread.run_sync(status)
+                assert text.stdout.startswith("# from the status file (no sink answered)\n"), text.stdout
