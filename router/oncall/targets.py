@@ -76,6 +76,9 @@ class Target:
     reconciles: bool = True
     # Whether entries are re-posted while open (Alertmanager forgets what is not).
     resends: bool = False
+    # Whether a raise is sent only while the router still lists it open (Alertmanager mirrors the
+    # open set; PagerDuty and the webhook get every raise and clear, as a record, in order).
+    checks_open: bool = False
     sent: dict[str, int] = field(default_factory=dict)
 
     def routed(self, exc: dict[str, Any]) -> bool:
@@ -167,7 +170,7 @@ def make_targets(cfg: OncallConfig, client: httpx.AsyncClient, secrets: dict[str
     out: list[Target] = []
     for name in cfg.targets():
         if name == "alertmanager":
-            out.append(Alertmanager(name, cfg, client, resends=True))
+            out.append(Alertmanager(name, cfg, client, resends=True, checks_open=True))
         elif name == "pagerduty":
             out.append(PagerDuty(name, cfg, client, secret=secrets["oncall.pagerduty.routing_key"]))
         else:

@@ -26,7 +26,8 @@ Alertmanager and PagerDuty also close entries of finished entities (a delivered 
 ended campaign: no clear is published for them), by comparing with `router.exceptions.open`
 every `reconcile_every` once caught up: an entry missing from two complete replies in a row is
 closed, an open exception missing here in two replies in a row is added. Alertmanager's entries
-are re-posted every `resend_every`.
+are re-posted every `resend_every`, and a raise is posted to it only if the router still lists
+it open when it comes due (`_still_open`).
 """
 
 from __future__ import annotations
@@ -238,10 +239,12 @@ class Worker:
         await self.state.remove(akey)
 
     async def _still_open(self, exc: dict[str, Any]) -> bool:
-        """Whether the router still lists the raise as open: a raise on an entity that finished
-        at the same event (a late delivery's `sla_breached`, spend after a campaign ended) never
-        is, and is not sent. True when the router does not answer (better a page than none)."""
-        if not self.target.reconciles or time.monotonic() < self.router_away_until:
+        """Whether the router still lists the raise as open (Alertmanager only, which mirrors the
+        open set): a raise on an entity that finished at the same event (a late delivery's
+        `sla_breached`, spend after a campaign ended) never is, nor is one raised and cleared
+        while Alertmanager was away; neither is posted. True when the router does not answer
+        (better a page than none)."""
+        if not self.target.checks_open or time.monotonic() < self.router_away_until:
             return True
         found = await all_open(self.nc, {"kind": exc["kind"], "key": exc["key"], "rule": exc["rule"]}, wait_s=2.0)
         if found is None:
