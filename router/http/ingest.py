@@ -22,7 +22,6 @@ in line order, so their stream order is the batch's.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -39,6 +38,7 @@ from contracts.decode import BAD_SUBJECT, INVALID, MALFORMED, DecodeError, check
 from contracts.exceptions import header_bytes
 from contracts.sources import IDEMPOTENCY_RE
 from router.jetstream.idempotency import IdempotencyStore, IdempotencyUnavailable, bucket_name
+from router.jetstream.publisher import publish_acked
 from router.metrics import RouterMetrics
 
 if TYPE_CHECKING:
@@ -82,6 +82,11 @@ def too_large(size: int, limit: int) -> Outcome:
     return Outcome(413, error="too_large", detail=f"{size} bytes with headers; the NATS server takes at most {limit}")
 
 
+def msg_id(kind: str, key: str, idem: str) -> str:
+    """The `Nats-Msg-Id` of an event with an idempotency key (CONTRACT section 7)."""
+    return f"http:{kind}:{key}:{idem}"
+
+
 def idempotency_problem(value: str) -> str | None:
     if IDEMPOTENCY_RE.match(value):
         return None
@@ -95,7 +100,6 @@ class Ingestor:
                  store: IdempotencyStore | None = None) -> None:
         self.nc = nc
         self.cfg = cfg
-        self.js = nc.jetstream(timeout=PUBLISH_TIMEOUT_S)
         self.max_skew_us = duration_us(cfg.rules.max_future_skew)
         self.store = store or IdempotencyStore(
             nc, bucket_name(cfg.router.consumer), duration_us(cfg.http.idempotency_ttl) / 1e6, cfg.streams.replicas
@@ -132,7 +136,7 @@ class Ingestor:
     def headers(self, kind: str, key: str, idem: str | None) -> dict[str, str]:
         headers = {"Nats-Expected-Stream": self.cfg.streams.events}
         if idem is not None:
-            headers["Nats-Msg-Id"] = f"http:{kind}:{key}:{idem}"
+            headers["Nats-Msg-Id"] = msg_id(kind, key, idem)
         return headers
 
     async def ingest(self, kind: str, key: str, data: bytes, idem: str | None, receipt_us: int) -> Outcome:
@@ -142,24 +146,43 @@ class Ingestor:
             return bad
         return await self.store_checked(kind, key, data, idem)
 
-    async def store_checked(self, kind: str, key: str, data: bytes, idem: str | None) -> Outcome:
-        """Store an event `check` passed: the idempotency record, the publish, the record again."""
+    async def known(self, msg_ids: set[str]) -> dict[str, int | Outcome]:
+        """The first seqs of the ids already stored (one lookup for many); every id mapped to a
+        503 when the lookup cannot be made."""
+        if not msg_ids:
+            return {}
+        failed: Outcome | None = None
+        if not self.nc.is_connected:
+            failed = unavailable("NATS is not connected; nothing was stored")
+        else:
+            try:
+                return dict(await self.store.first_seqs(msg_ids))
+            except IdempotencyUnavailable as exc:
+                failed = unavailable(f"the idempotency record could not be read: {exc}")
+        self._unavailable.inc(len(msg_ids))
+        return dict.fromkeys(msg_ids, failed)
+
+    def duplicate(self) -> None:
+        self._duplicate.inc()
+
+    async def store_checked(self, kind: str, key: str, data: bytes, idem: str | None, *,
+                            looked_up: bool = False) -> Outcome:
+        """Store an event `check` passed: the idempotency record (unless `looked_up` already),
+        the publish, the record again."""
         if not self.nc.is_connected:
             self._unavailable.inc()
             return unavailable("NATS is not connected; nothing was stored")
-        msg_id = f"http:{kind}:{key}:{idem}" if idem is not None else None
+        mid = msg_id(kind, key, idem) if idem is not None else None
         try:
-            if msg_id is not None:
-                first = await self.store.first_seq(msg_id)
+            if mid is not None and not looked_up:
+                first = await self.store.first_seq(mid)
                 if first is not None:
                     self._duplicate.inc()
                     return Outcome(202, seq=first, duplicate=True)
             subject = f"events.{kind}.{key}"
-            headers = {"Nats-Msg-Id": msg_id} if msg_id is not None else None
-            ack = await self.js.publish(subject, data, timeout=PUBLISH_TIMEOUT_S, stream=self.cfg.streams.events,
-                                        headers=headers)
-            if msg_id is not None:
-                await self.store.remember(msg_id, int(ack.seq))
+            ack = await publish_acked(self.nc, subject, data, self.headers(kind, key, idem), PUBLISH_TIMEOUT_S)
+            if mid is not None:
+                await self.store.remember(mid, int(ack.seq))
         except IdempotencyUnavailable as exc:
             self._unavailable.inc()
             return unavailable(f"the idempotency record could not be read or written: {exc}")
@@ -253,10 +276,12 @@ def routes(ctx: HttpContext) -> list[BaseRoute]:
 
 
 async def batch(ing: Ingestor, lines: list[bytes], receipt_us: int) -> list[dict[str, Any]]:
-    """One answer per non-blank line, in line order; lines of one key stored in line order."""
+    """One answer per non-blank line, in line order; lines of one key stored in line order.
+
+    The idempotency keys of the whole batch are looked up first, in one request per
+    MULTI_LAST keys; then each key's lines are published in line order, keys concurrently."""
     answers: list[dict[str, Any]] = []
-    # Per key, the publishes in line order: a chain of the key's lines, run by one task.
-    chains: dict[tuple[str, str], list[Callable[[], Awaitable[None]]]] = {}
+    todo: list[tuple[dict[str, Any], _Line, bytes]] = []
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
@@ -277,25 +302,31 @@ async def batch(ing: Ingestor, lines: list[bytes], receipt_us: int) -> list[dict
         if bad is not None:
             answer.update(status=bad.status, **bad.body())
             continue
+        todo.append((answer, line, data))
 
-        def job(a: dict[str, Any] = answer, ln: _Line = line, d: bytes = data) -> Awaitable[None]:
-            return _store(ing, a, ln, d)
-
-        chains.setdefault((line.kind, line.key), []).append(job)
+    known = await ing.known({msg_id(ln.kind, ln.key, ln.idempotency_key) for _, ln, _ in todo
+                             if ln.idempotency_key is not None})
+    # Per key, the lines to publish in line order: a chain run by one task.
+    chains: dict[tuple[str, str], list[tuple[dict[str, Any], _Line, bytes]]] = {}
+    for answer, line, data in todo:
+        first = known.get(msg_id(line.kind, line.key, line.idempotency_key)) if line.idempotency_key else None
+        if isinstance(first, Outcome):  # the lookup failed
+            answer.update(status=first.status, **first.body())
+        elif first is not None:
+            ing.duplicate()
+            answer.update(status=202, seq=first, duplicate=True)
+        else:
+            chains.setdefault((line.kind, line.key), []).append((answer, line, data))
 
     limiter = anyio.CapacityLimiter(BATCH_CONCURRENCY)
 
-    async def run_chain(jobs: list[Callable[[], Awaitable[None]]]) -> None:
+    async def run_chain(jobs: list[tuple[dict[str, Any], _Line, bytes]]) -> None:
         async with limiter:
-            for run in jobs:
-                await run()
+            for answer, line, data in jobs:
+                outcome = await ing.store_checked(line.kind, line.key, data, line.idempotency_key, looked_up=True)
+                answer.update(status=outcome.status, **outcome.body())
 
     async with anyio.create_task_group() as tg:
         for jobs in chains.values():
             tg.start_soon(run_chain, jobs)
     return answers
-
-
-async def _store(ing: Ingestor, answer: dict[str, Any], line: _Line, data: bytes) -> None:
-    outcome = await ing.store_checked(line.kind, line.key, data, line.idempotency_key)
-    answer.update(status=outcome.status, **outcome.body())

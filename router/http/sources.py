@@ -38,7 +38,17 @@ from contracts.sources import (
     compile_source,
     signature_ok,
 )
-from router.http.ingest import Ingestor, Outcome, ingestor, read_body, respond, too_large, unavailable
+from router.http.ingest import (
+    PUBLISH_TIMEOUT_S,
+    Ingestor,
+    Outcome,
+    ingestor,
+    read_body,
+    respond,
+    too_large,
+    unavailable,
+)
+from router.jetstream.publisher import publish_acked
 from router.secrets import resolve_secret
 
 if TYPE_CHECKING:
@@ -154,7 +164,8 @@ async def _dead_letter(ing: Ingestor, source: Source, body: bytes, reason: str) 
     }
     data = fit_dead_letter(body, headers, ing.max_payload - len(f"Nats-Expected-Stream: {ing.cfg.streams.deadletter}\r\n"))
     try:
-        ack = await ing.js.publish("deadletter.unknown", data, stream=ing.cfg.streams.deadletter, headers=headers)
+        headers["Nats-Expected-Stream"] = ing.cfg.streams.deadletter
+        ack = await publish_acked(ing.nc, "deadletter.unknown", data, headers, PUBLISH_TIMEOUT_S)
     except Exception as exc:
         log.warning("source_dead_letter_unacknowledged", source=source.name, error=f"{type(exc).__name__}: {exc}"[:300])
         return respond(unavailable(f"the payload could not be kept ({type(exc).__name__}); retry"))

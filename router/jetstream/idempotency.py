@@ -16,16 +16,25 @@ answered duplicate by the stream, and recorded then.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterable
 from typing import Final
 
 import anyio
+import msgspec
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import api
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 
+from router.jetstream.publisher import publish_acked
+
 BUCKET_SUFFIX: Final = "_ingest"
+# Keys looked up by one direct-get request (a batch of POST /events).
+MULTI_LAST: Final = 256
+_ENC: Final = msgspec.json.Encoder()
 
 
 class IdempotencyUnavailable(Exception):
@@ -75,6 +84,7 @@ class IdempotencyStore:
                             description="ops-router HTTP idempotency keys: first EVENTS sequence by Nats-Msg-Id",
                             history=1,
                             ttl=self.ttl_s,
+                            direct=True,  # direct gets: one request looks up a whole batch (first_seqs)
                             replicas=self.replicas,
                             storage=api.StorageType.FILE,
                         )
@@ -85,29 +95,87 @@ class IdempotencyStore:
                     continue  # created by another instance meanwhile: bind to it
             jsm = self._nc.jsm()
             info = await jsm.stream_info(f"KV_{self.name}")
-            if info.config.max_age is None or abs(info.config.max_age - self.ttl_s) > 0.001:
+            if info.config.max_age is None or abs(info.config.max_age - self.ttl_s) > 0.001 or not info.config.allow_direct:
                 info.config.max_age = self.ttl_s
+                info.config.allow_direct = True
                 await jsm.update_stream(info.config)
             return kv
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def first_seq(self, msg_id: str) -> int | None:
-        """The EVENTS sequence stored first for `msg_id` within the TTL, or None."""
+        """The EVENTS sequence stored first for `msg_id` within the TTL, or None (a direct get)."""
+        key = entry_key(msg_id)
         try:
-            kv = await self._bucket()
-            entry = await kv.get(entry_key(msg_id))  # bounded by the JetStream context's timeout
-        except KeyNotFoundError:
-            return None
+            await self._bucket()
+            msg = await self._nc.request(
+                f"$JS.API.DIRECT.GET.KV_{self.name}.$KV.{self.name}.{key}", b"", timeout=self.timeout
+            )
         except Exception as exc:
             raise IdempotencyUnavailable(f"{type(exc).__name__}: {exc}") from None
+        hdr = msg.headers or {}
+        status = hdr.get("Status")
+        if status == "404" or "KV-Operation" in hdr:  # never written (or expired), or deleted
+            return None
+        if status is not None:
+            raise IdempotencyUnavailable(f"direct get on KV_{self.name}: {status} {hdr.get('Description', '')}")
+        value = bytes(msg.data or b"")
+        return int(value) if value.isdigit() else None  # not ours (written by hand): publish; the stream decides
+
+    async def first_seqs(self, msg_ids: Iterable[str]) -> dict[str, int]:
+        """`first_seq` of many ids at once: direct gets of the last message of each key
+        (`multi_last`), MULTI_LAST keys per request. The ids not found are left out."""
+        by_subject = {f"$KV.{self.name}.{entry_key(i)}": i for i in msg_ids}
+        found: dict[str, int] = {}
+        if not by_subject:
+            return found
+        subjects = list(by_subject)
         try:
-            return int(entry.value or b"")
-        except ValueError:
-            return None  # not ours (written by hand): publish, and the stream or a new record decides
+            await self._bucket()
+            for start in range(0, len(subjects), MULTI_LAST):
+                chunk = subjects[start : start + MULTI_LAST]
+                for subject, value in await self._multi_last(chunk):
+                    if value.isdigit():
+                        found[by_subject[subject]] = int(value)
+        except Exception as exc:
+            raise IdempotencyUnavailable(f"{type(exc).__name__}: {exc}") from None
+        return found
+
+    async def _multi_last(self, subjects: list[str]) -> list[tuple[str, bytes]]:
+        """(subject, value) of the keys that hold a value; deleted and missing ones are left out."""
+        out: list[tuple[str, bytes]] = []
+        done = anyio.Event()
+        failed: list[str] = []
+
+        async def on_reply(msg: Msg) -> None:
+            hdr = msg.headers or {}
+            status = hdr.get("Status")
+            if status is not None:
+                if status not in ("204", "404"):  # 204: end of batch; 404: none of them
+                    failed.append(f"{status} {hdr.get('Description', '')}")
+                done.set()
+            elif "KV-Operation" not in hdr:  # a DEL or PURGE marker: no value
+                out.append((hdr.get("Nats-Subject", ""), bytes(msg.data or b"")))
+
+        inbox = self._nc.new_inbox()
+        sub = await self._nc.subscribe(inbox, cb=on_reply)
+        try:
+            request = _ENC.encode({"multi_last": subjects, "batch": len(subjects)})
+            await self._nc.publish(f"$JS.API.DIRECT.GET.KV_{self.name}", request, reply=inbox)
+            with anyio.fail_after(self.timeout):
+                await done.wait()
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        if failed:
+            raise RuntimeError(f"direct get on KV_{self.name}: {failed[0]}")
+        return out
 
     async def remember(self, msg_id: str, seq: int) -> None:
         try:
-            kv = await self._bucket()
-            await kv.put(entry_key(msg_id), str(seq).encode())
+            await self._bucket()
+            await publish_acked(
+                self._nc, f"$KV.{self.name}.{entry_key(msg_id)}", str(seq).encode(),
+                {"Nats-Expected-Stream": f"KV_{self.name}"}, self.timeout,
+            )
         except Exception as exc:
             raise IdempotencyUnavailable(f"{type(exc).__name__}: {exc}") from None

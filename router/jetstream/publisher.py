@@ -39,6 +39,29 @@ class _PubAck(msgspec.Struct):
 
 
 _ACK_DECODER = msgspec.json.Decoder(_PubAck)
+PubAck = _PubAck
+
+
+class PublishRefused(Exception):
+    """The stream answered a publish with an error (or not at all: no responders)."""
+
+
+async def publish_acked(
+    nc: NATS, subject: str, payload: bytes, headers: dict[str, str], timeout: float  # noqa: ASYNC109 (nats' own)
+) -> PubAck:
+    """One JetStream publish, waited for: its PubAck (`seq`, `duplicate`). For callers that
+    answer someone once stored (HTTP ingestion): nats-py's request, the ack read with msgspec.
+    Raises nats' TimeoutError, NoRespondersError, or PublishRefused with the stream's error."""
+    msg = await nc.request(subject, payload, timeout=timeout, headers=headers)
+    try:
+        ack = _ACK_DECODER.decode(msg.data)
+    except msgspec.DecodeError:
+        raise PublishRefused(f"unreadable PubAck: {msg.data[:200]!r}") from None
+    if ack.error is not None:
+        raise PublishRefused(f"{ack.error.code} {ack.error.description} (err_code {ack.error.err_code})")
+    if not ack.stream:
+        raise PublishRefused(f"not a PubAck: {msg.data[:200]!r}")
+    return ack
 
 
 class _Pending:

@@ -307,3 +307,19 @@ async def test_idempotency_keys_are_forgotten_after_the_ttl(tmp_path: Path, nats
         assert again.status_code == 202
         assert again.json()["duplicate"] is False
         assert again.json()["seq"] > first.json()["seq"]
+
+
+async def test_a_batch_sent_again_is_all_duplicates(tmp_path: Path, nats_server: NatsServer) -> None:
+    """600 lines (more than one lookup request holds), sent twice: the second time nothing is stored."""
+    async with http_router(tmp_path, nats_server.url) as (_rp, client, cfg):
+        lines = [json.dumps({"kind": "sku", "key": f"S{i % 50}", "idempotency_key": f"grn-{i}",
+                             "event": {"type": "received", "location": "L", "qty": i + 1}}).encode() for i in range(600)]
+        body = b"\n".join(lines)
+        first = [json.loads(x) for x in (await client.post("/events", content=body)).text.splitlines()]
+        assert [a["status"] for a in first] == [202] * 600
+        assert not any(a["duplicate"] for a in first)
+        last = await stream_last(nats_server.url, cfg.streams.events)
+        assert last == 600
+        again = [json.loads(x) for x in (await client.post("/events", content=body)).text.splitlines()]
+        assert again == [{**a, "duplicate": True} for a in first]
+        assert await stream_last(nats_server.url, cfg.streams.events) == last
