@@ -74,6 +74,10 @@ class Health(msgspec.Struct, kw_only=True):
     instance: str = ""  # this router's id in the ownership records (<data>/instance.id)
     role: Literal["owner", "standby"] = "owner"  # a standby waits for the owner's leases to lapse
     owners: dict[str, str] = msgspec.field(default_factory=dict)  # partition -> owner last seen
+    owned: list[int] = msgspec.field(default_factory=list)  # the partitions this instance owns now
+    partition_count: int = 0  # [router] partitions
+    # Every live instance and the partitions it owns (from the ownership records, read every second).
+    instances: dict[str, list[int]] = msgspec.field(default_factory=dict)
 
 
 _ENCODER: Final = msgspec.json.Encoder()

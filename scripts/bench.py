@@ -55,6 +55,8 @@ from bench_lib import (
 # The router's CPU split: all threads (SQLite's included) against the event loop's own.
 LOOP_CPU = "CPU per event in the event loop's thread"
 SCENARIOS = ("catchup", "alerts", "latency", "keys", "restart", "snapshot", "ingest", "copy", "console")
+# Run only when asked for (--only cluster): three servers and two routers, several minutes.
+EXTRA_SCENARIOS = ("cluster",)
 LIB = str(Path(__file__).resolve().parent / "bench_lib.py")
 CONSOLE_CLIENTS = 20  # the console scenario's live-page users
 T_START = time.monotonic()
@@ -1019,6 +1021,11 @@ async def run_all(args: argparse.Namespace, sizes: Sizes, results: Results) -> N
         steps.append(("copy", bench.copy))
     if "console" in only:
         steps.append(("console", bench.console))
+    if "cluster" in only:
+        from bench_cluster import scenario as cluster_scenario
+
+        actors = args.actors or (20_000 if sizes is QUICK else 100_000)
+        steps.append(("cluster", lambda: cluster_scenario(results, sizes.catchup_events, actors, sizes.runs, progress)))
     failed = False
     try:
         for name, step in steps:
@@ -1061,8 +1068,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--quick", action="store_true", help="a smaller smoke version (about a minute, 1 run)")
     ap.add_argument("--runs", type=int, help="runs per scenario; figures are medians (default 3, --quick 1)")
-    ap.add_argument("--only", action="append", choices=SCENARIOS, metavar="SCENARIO",
-                    help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}")
+    ap.add_argument("--only", action="append", choices=SCENARIOS + EXTRA_SCENARIOS, metavar="SCENARIO",
+                    help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}; and, only when "
+                    f"named: {', '.join(EXTRA_SCENARIOS)}")
+    ap.add_argument("--actors", type=int, help="cluster scenario: actors stored before the failover "
+                    "(default 100k, --quick 20k)")
     ap.add_argument("--out", default=str(ROOT / "bench-results"), help="folder for the JSON results (bench-results)")
     ap.add_argument("--wait-idle", type=float, default=0, metavar="S",
                     help="before each measurement wait up to S seconds for other processes to quiet down")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import signal
@@ -21,20 +22,26 @@ from contracts.config import Config, ConfigError, duration_us
 from contracts.secrets import redact
 from router import health as health_model
 from router.engine import open_query
-from router.engine.clustercopy import PartitionCopy
+from router.engine.assignment import Share
 from router.engine.deps import PartitionDeps
 from router.engine.ownership import (
     DataDirBusy,
     InstanceLock,
     Lease,
-    OwnAll,
     Ownership,
     Timings,
-    is_lease_lost,
 )
 from router.engine.partition import Partition
 from router.engine.queries import serve_queries
-from router.engine.startup import beyond_repair, find, open_store, quarantine
+from router.engine.running import CLOSE_S, run_owned
+from router.engine.startup import (
+    beyond_repair,
+    check_duplicate_window,
+    find,
+    open_store,
+    quarantine,
+    riding_through,
+)
 from router.errors import FatalError
 from router.jetstream import streams
 from router.jetstream.connection import connect_options
@@ -49,8 +56,6 @@ from snapshots import Store, StoreDamagedError, StoreFullError
 log = structlog.get_logger()
 
 
-# Of `[router] shutdown_timeout`, what a stop keeps for closing the NATS connection (flushing acks).
-CLOSE_S = 1.0
 
 
 def wall_clock_us() -> int:
@@ -61,7 +66,7 @@ class Runtime:
     """Everything one router process owns. Build with `Runtime.open(cfg)`, then `serve()`."""
 
     def __init__(
-        self, cfg: Config, nc: NATS, store: Store, clock: Callable[[], int], holding: OwnAll
+        self, cfg: Config, nc: NATS, store: Store, clock: Callable[[], int], holding: Share
     ) -> None:
         self.cfg = cfg
         self.nc = nc
@@ -86,8 +91,8 @@ class Runtime:
             snapshot_every_s=self.snapshot_every_s,
             metrics=self.metrics,
         )
-        # The partitions this instance runs now: every one while it holds their leases, none
-        # while it stands by (see router.engine.ownership). Changed in place: queries hold it.
+        # The partitions this instance runs now, in order: those it holds the leases of (see
+        # router.engine.assignment). Changed in place: queries hold it.
         self.holding = holding
         self.instance = holding.ownership.instance
         self.partitions: list[Partition] = []
@@ -99,10 +104,11 @@ class Runtime:
         self._stop = anyio.Event()
         self._damaged: StoreDamagedError | None = None
         self._damage_found = anyio.Event()
-        self._task_status: Any = None
         self.closing = False  # set once the final snapshot is written: the connection closes next
         self.url = ""
         self.state_copy: StateCopy | None = None  # [snapshots] cluster_copy (router.engine.clustercopy)
+        self._stopped: dict[int, int] = {}  # partition -> applied_seq, of those stopped by a stop
+        self._processed_at_stop = 0
 
     def raw_path(self, sub: Any, handler: Callable[[bytes, bytes, bytes, dict[str, str] | None], None]) -> None:
         """Deliver `sub`'s messages straight from the protocol parser to `handler`.
@@ -147,15 +153,17 @@ class Runtime:
             stack.push_async_callback(_close_nats, nc)
             jsm = nc.jsm()
             try:
-                infos = await streams.ensure_streams(jsm, cfg)
+                infos = await riding_through("streams", streams.ensure_streams, jsm, cfg)
             except streams.StreamSetupError as exc:
                 raise FatalError(str(exc)) from None
             timings = Timings.from_config(cfg)
-            _check_duplicate_window(cfg, timings)
+            check_duplicate_window(cfg, timings.lease_s + timings.poll_s, infos)
             try:
-                bucket = await OwnershipBucket.open(
-                    nc, bucket_name(cfg.router.consumer), replicas=cfg.streams.replicas,
-                    io_timeout=timings.io_timeout_s,
+                bucket = await riding_through(
+                    "ownership bucket", functools.partial(
+                        OwnershipBucket.open, nc, bucket_name(cfg.router.consumer), replicas=cfg.streams.replicas,
+                        io_timeout=timings.io_timeout_s,
+                    ),
                 )
             except Exception as exc:
                 raise FatalError(
@@ -164,7 +172,7 @@ class Runtime:
             state_copy = await _open_state_copy(nc, cfg) if cfg.snapshots.cluster_copy else None
             store = await open_store(cfg, infos[cfg.streams.events], rebuilding=rebuilding, copied=state_copy is not None)
             stack.push_async_callback(store.close)
-            holding = OwnAll(Ownership(bucket, lock.instance, timings), cfg.router.partitions)
+            holding = Share(Ownership(bucket, lock.instance, timings), cfg.router.partitions)
             rt = cls(cfg, nc, store, clock, holding)
             rt.url = url
             rt.state_copy = state_copy
@@ -201,14 +209,16 @@ class Runtime:
         # keep it out of every later full collection, which would otherwise walk it each time.
         gc.collect()
         gc.freeze()
-        self._task_status = task_status
         async with anyio.create_task_group() as tg:
             await tg.start(self.publisher.serve, self.raw_path)
             if self.state_copy is not None:
                 await self.state_copy.start(self.raw_path)
             await tg.start(
-                serve_queries, self.nc, self.partitions, self.store, self.thresholds, self.health,
-                self.refuse_bad_subjects, self.store_damaged, self.holding.owns, self.instance,
+                functools.partial(
+                    serve_queries, self.nc, self.partitions, self.store, self.thresholds, self.health,
+                    self.refuse_bad_subjects, self.store_damaged, self.holding.owns, self.instance,
+                    partition_count=cfg.router.partitions,
+                )
             )
             tg.start_soon(self._raise_damage)
             self.status = "ok"
@@ -221,9 +231,15 @@ class Runtime:
                 snapshots=str(cfg.snapshot_path),
                 instance=self.instance,
             )
-            await self.holding.serve(self._own, self._stop)
+            await self.holding.serve(self._own, self._stop, task_status=task_status)
             self.closing = True  # the connection closes next
             self.status = "stopped"
+            log.info(
+                "router_stopped",
+                applied_seq=[self._stopped[i] for i in sorted(self._stopped)],
+                partitions=sorted(self._stopped),
+                processed=self._processed_at_stop,
+            )
             self._write_health()  # last: no reader may take an earlier report for a running router
             tg.cancel_scope.cancel()
 
@@ -242,100 +258,20 @@ class Runtime:
         running = [p for p in list(self.partitions) if self.owns(p.index)]
         return await open_query.counts(running, self.store, by)
 
-    async def _own(self, leases: list[Lease], lost: anyio.Event) -> bool:
-        """Run every partition under its lease: until a stop (graceful; True), or until a lease is
-        lost (the partitions are abandoned unsnapshotted and unacknowledged; False)."""
-        self.partitions[:] = [
-            self._copied(_fenced(Partition(self.deps, i), lease), lease) for i, lease in enumerate(leases)
-        ]
-        fenced = False
-        try:
-            for p in self.partitions:
-                await p.prepare()
-            fenced = not await self._run_partitions(leases, lost)
-        except Exception as exc:
-            if not is_lease_lost(exc):
-                raise
-            fenced = True
-        finally:
-            if fenced:
-                for p in self.partitions:
-                    log.warning(
-                        "partition_fenced", partition=p.index, epoch=leases[p.index].epoch, applied_seq=p.applied_seq,
-                        queued=len(p._inq), unconfirmed=len(p.outbox.inflight),
-                        action="nothing more is sent or written for it; standing by",
-                    )
-                self.partitions.clear()
-        if not fenced:
-            self.partitions.clear()
-        return not fenced
+    def owned(self) -> list[int]:
+        """The partitions this instance owns now (the others are answered by their owners)."""
+        return self.holding.owned()
 
-    def _copied(self, p: Partition, lease: Lease) -> Partition:
-        """`p` with its cluster copy (when `[snapshots] cluster_copy` is on), fenced by `lease`."""
-        if self.state_copy is not None:
-            p.snapshots.copy = PartitionCopy(
-                self.state_copy, self.store, p.index, epoch=lease.epoch, instance=self.instance, fence=lease.check
-            )
-        return p
+    def assignments(self) -> dict[str, list[int]]:
+        """Every live instance and the partitions it owns, from the ownership records (read every
+        second); this instance's from its own leases."""
+        return self.holding.assignments()
 
-    async def _run_partitions(self, leases: list[Lease], lost: anyio.Event) -> bool:
-        """Run the prepared partitions until a stop (stop them gracefully: True) or a lost lease (False)."""
-        cfg = self.cfg
-        # No `return` inside the task groups below: leaving a scope that was cancelled from
-        # within turns the return into a cancellation, which the scope then swallows.
-        abandoned = False
-        async with anyio.create_task_group() as tg:
-            async with anyio.create_task_group() as parts:
-                for p in self.partitions:
-                    await parts.start(p.run)
-                log.info("partitions_running", partitions=[p.index for p in self.partitions],
-                         epochs=[lease.epoch for lease in leases])
-                if self._task_status is not None:
-                    self._task_status.started()
-                    self._task_status = None
-                with anyio.CancelScope() as waiting:
-                    tg.start_soon(_set_when, waiting, lost)
-                    await self._stop.wait()
-                    waiting.cancel()
-                if lost.is_set():
-                    abandoned = True
-                    parts.cancel_scope.cancel()
-                else:
-                    log.info("router_stopping")
-                    self.status = "stopping"
-                    timeout = duration_us(cfg.router.shutdown_timeout) / 1e6
-                    # Every step below shares this deadline, leaving CLOSE_S to close the connection.
-                    stop_by = anyio.current_time() + max(timeout - CLOSE_S, 0.5)
-                    for p in self.partitions:
-                        await p.stop()
-                    # The partition loops return once their received messages are applied.
-                    with anyio.move_on_after(timeout * 0.5) as scope:
-                        for p in self.partitions:
-                            await p.finished.wait()
-                    if scope.cancelled_caught:
-                        log.warning("stop_timeout_draining", seconds=timeout * 0.5)
-                        parts.cancel_scope.cancel()
-            if not abandoned:
-                with anyio.CancelScope(shield=True):
-                    await self._final_snapshots(stop_by)
-            tg.cancel_scope.cancel()
-        return not abandoned
-
-    async def _final_snapshots(self, stop_by: float) -> None:
-        if not await self.publisher.wait_idle((stop_by - anyio.current_time()) * 0.5):
-            log.warning("stop_with_unconfirmed_effects", outstanding=self.publisher.outstanding)
-        # A snapshot waits for the effects of what it holds; without them it is not written
-        # (the next start applies those events again and publishes what is missing).
-        with anyio.move_on_after(max(stop_by - anyio.current_time(), 0.2)) as snap:
-            for p in self.partitions:
-                await p.final_snapshot()
-        if snap.cancelled_caught:
-            log.warning("stop_without_final_snapshot", reason="effects not confirmed in time")
-        log.info(
-            "router_stopped",
-            applied_seq=[p.applied_seq for p in self.partitions],
-            processed=sum(p.processed for p in self.partitions),
-        )
+    async def _own(
+        self, lease: Lease, lost: anyio.Event, release: anyio.Event, running: Callable[[], None]
+    ) -> bool:
+        """Run one partition under its lease (see router.engine.running.run_owned)."""
+        return await run_owned(self, lease, lost, release, running)
 
     async def _open_by_rule(self) -> dict[tuple[str, str], int]:
         """`ops_router_open_exceptions{kind,rule}`: read at every scrape (see RouterMetrics.scrape)."""
@@ -394,6 +330,9 @@ class Runtime:
             nats="connected" if connected else ("reconnecting" if nc.is_reconnecting else "closed"),
             ready=connected and status in ("ok", "disk_full") and all(p.caught_up for p in parts)
             and self.holding.role == "owner",
+            owned=self.holding.owned(),
+            partition_count=self.cfg.router.partitions,
+            instances=self.holding.assignments(),
             pid=os.getpid(),
             started_at=self.started_wall,
             updated_at=health_model.now_rfc3339(),
@@ -404,7 +343,7 @@ class Runtime:
             partitions=parts,
             instance=self.instance,
             role=self.holding.role,
-            owners={str(p): o for p, o in sorted(self.holding.ownership.owners.items())},
+            owners={str(p): o for p, o in sorted(self.holding.owners().items())},
         )
 
     def _write_health(self) -> None:
@@ -430,22 +369,6 @@ class Runtime:
             log.info("router_summary", **summary.fields())
 
 
-async def _set_when(scope: anyio.CancelScope, event: anyio.Event) -> None:
-    await event.wait()
-    scope.cancel()
-
-
-def _check_duplicate_window(cfg: Config, timings: Timings) -> None:
-    """An owner that lost its lease may still have publishes on the wire; the stream drops them as
-    duplicates of the new owner's only within its duplicate window."""
-    window = duration_us(cfg.streams.duplicate_window) / 1e6
-    if window < 3 * timings.lease_s:
-        log.warning(
-            "duplicate_window_short", duplicate_window_s=window, lease_s=timings.lease_s,
-            advice="[streams] duplicate_window should be at least three leases (it covers a takeover's overlap)",
-        )
-
-
 async def _open_state_copy(nc: NATS, cfg: Config) -> StateCopy:
     name = state_bucket_name(cfg.router.consumer)
     try:
@@ -454,14 +377,6 @@ async def _open_state_copy(nc: NATS, cfg: Config) -> StateCopy:
         raise FatalError(
             f"cannot open the cluster copy of the state, KV {name} ([snapshots] cluster_copy): {exc!r}"
         ) from None
-
-
-def _fenced(p: Partition, lease: Lease) -> Partition:
-    """`p` under `lease`: every pull, ack, consumer change, publish and store write checks it first."""
-    p.pulls.fence = lease.check
-    p.outbox.fence = lease.valid
-    p.snapshots.fence = lease.check
-    return p
 
 
 async def _connect(cfg: Config, url: str, holder: dict[str, Runtime]) -> NATS:

@@ -31,10 +31,10 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 
 import anyio
 import structlog
@@ -103,7 +103,7 @@ class Timings:
 class Lease:
     """This instance's hold on one partition, valid until `deadline` (monotonic) unless lost sooner."""
 
-    __slots__ = ("clock", "deadline", "epoch", "lost", "partition", "record", "revision")
+    __slots__ = ("clock", "deadline", "epoch", "lost", "partition", "progress", "record", "revision")
 
     def __init__(self, partition: int, record: OwnerRecord, revision: int, deadline: float, clock: Clock) -> None:
         self.partition = partition
@@ -113,6 +113,14 @@ class Lease:
         self.deadline = deadline
         self.clock = clock
         self.lost: str | None = None
+        # The partition's applied-through as its snapshots stand (set by whoever runs it): written
+        # into the record at every renewal and at the release.
+        self.progress: Callable[[], int] | None = None
+
+    def applied_seq(self) -> int:
+        """What the record says next: never lower than what it says now."""
+        now = self.record.applied_seq
+        return max(now, self.progress()) if self.progress is not None else now
 
     def valid(self) -> bool:
         return self.lost is None and self.clock() < self.deadline
@@ -145,10 +153,10 @@ class Ownership:
         self.pid = os.getpid()
         self.owners: dict[int, str] = {}  # partition -> owner last seen (for health)
 
-    def _record(self, epoch: int, renewal: int = 0) -> OwnerRecord:
+    def _record(self, epoch: int, renewal: int = 0, applied_seq: int = 0) -> OwnerRecord:
         return OwnerRecord(
             owner=self.instance, epoch=epoch, renewal=renewal, lease_s=self.timings.lease_s,
-            host=self.host, pid=self.pid,
+            host=self.host, pid=self.pid, applied_seq=applied_seq,
         )
 
     async def acquire(self, partition: int) -> Lease:
@@ -161,7 +169,7 @@ class Ownership:
             try:
                 held = await self.bucket.read(partition)
                 if held is None:
-                    lease = await self._claim(partition, None, "new")
+                    lease = await self.claim(partition, None, "new")
                     if lease is not None:
                         return lease
                     continue
@@ -169,7 +177,7 @@ class Ownership:
                 self.owners[partition] = rec.owner
                 if rec.state == "released" or rec.owner == self.instance:
                     reason = "released" if rec.state == "released" else "own"
-                    lease = await self._claim(partition, held, reason)
+                    lease = await self.claim(partition, held, reason)
                     if lease is not None:
                         return lease
                     continue
@@ -187,7 +195,7 @@ class Ownership:
                         "ownership_lapsed", partition=partition, owner=rec.owner, epoch=rec.epoch,
                         unchanged_s=round(now - since, 2),
                     )
-                    lease = await self._claim(partition, held, "lapsed")
+                    lease = await self.claim(partition, held, "lapsed")
                     if lease is not None:
                         return lease
                     continue
@@ -197,10 +205,10 @@ class Ownership:
                 log.error("ownership_damaged", partition=partition, error=str(exc))
             await anyio.sleep(t.poll_s)
 
-    async def _claim(self, partition: int, held: Held | None, reason: str) -> Lease | None:
+    async def claim(self, partition: int, held: Held | None, reason: str) -> Lease | None:
         """Write ourselves in by compare-and-set; None when another instance wrote first."""
         epoch = held.record.epoch + 1 if held is not None else 1
-        record = self._record(epoch)
+        record = self._record(epoch, applied_seq=held.record.applied_seq if held is not None else 0)
         sent = self.clock()
         try:
             if held is None:
@@ -231,7 +239,7 @@ class Ownership:
                 return self._lost(lease, lease.lost or "expired")
             if self.clock() < next_at:
                 continue
-            record = self._record(lease.epoch, lease.record.renewal + 1)
+            record = self._record(lease.epoch, lease.record.renewal + 1, lease.applied_seq())
             sent = self.clock()
             try:
                 with anyio.fail_after(max(0.05, min(t.io_timeout_s, lease.deadline - sent))):
@@ -287,7 +295,7 @@ class Ownership:
             return False
         record = OwnerRecord(
             owner=self.instance, epoch=lease.epoch, state="released", renewal=lease.record.renewal + 1,
-            lease_s=self.timings.lease_s, host=self.host, pid=self.pid,
+            lease_s=self.timings.lease_s, host=self.host, pid=self.pid, applied_seq=lease.applied_seq(),
         )
         lease.lost = "released"
         try:
@@ -295,80 +303,8 @@ class Ownership:
         except (OwnershipConflict, OwnershipUnavailable) as exc:
             log.warning("ownership_release_failed", partition=lease.partition, error=str(exc))
             return False
-        log.info("ownership_released", partition=lease.partition, epoch=lease.epoch)
+        log.info("ownership_released", partition=lease.partition, epoch=lease.epoch, applied_seq=record.applied_seq)
         return True
-
-
-# ---------------------------------------------------------------------- the policy for now
-
-Work = Callable[[list[Lease], anyio.Event], Awaitable[bool]]
-
-
-class OwnAll:
-    """One instance holds every partition; any other stands by until the holder's leases end.
-
-    Partition 0 is taken first and the others after it, so two standbys racing for a lapsed
-    owner's partitions do not split them: the one that takes partition 0 takes the rest
-    (waiting out their leases too, when they are still held). Losing any lease gives up all.
-    """
-
-    def __init__(self, ownership: Ownership, count: int) -> None:
-        self.ownership = ownership
-        self.count = count
-        self.leases: list[Lease] = []
-        self.role: Literal["standby", "owner"] = "standby"
-
-    def owns(self, partition: int) -> bool:
-        return self.role == "owner" and partition < len(self.leases) and self.leases[partition].valid()
-
-    async def serve(self, work: Work, stop: anyio.Event) -> None:
-        """Until `stop`: stand by, take every partition, then `await work(leases, lost)`.
-
-        `work` runs the partitions until `stop` (then it stops them gracefully and returns
-        True: the leases are released for a standby to take at once) or until `lost` is set
-        (it abandons them and returns False: this instance stands by again).
-        """
-        while not stop.is_set():
-            lost = anyio.Event()
-            leases: list[Lease] = []
-            stopping = False
-            async with anyio.create_task_group() as tg:
-                try:
-                    with anyio.CancelScope() as acquiring:
-                        tg.start_soon(_cancel_when, acquiring, stop, lost)
-                        for i in range(self.count):
-                            lease = await self.ownership.acquire(i)
-                            leases.append(lease)
-                            tg.start_soon(self._keep, lease, lost)
-                    if len(leases) == self.count and not lost.is_set() and not stop.is_set():
-                        self.leases, self.role = leases, "owner"
-                        stopping = await work(leases, lost)
-                finally:
-                    self.role, self.leases = "standby", []
-                    tg.cancel_scope.cancel()
-                    with anyio.CancelScope(shield=True):
-                        for lease in leases:
-                            if lease.valid():
-                                await self.ownership.release(lease)
-            if stopping:
-                return
-
-    async def _keep(self, lease: Lease, lost: anyio.Event) -> None:
-        await self.ownership.keep(lease)
-        lost.set()
-
-
-async def _cancel_when(scope: anyio.CancelScope, *events: anyio.Event) -> None:
-    """Cancel `scope` as soon as any of `events` is set."""
-    async with anyio.create_task_group() as tg:
-
-        async def wait(event: anyio.Event) -> None:
-            await event.wait()
-            scope.cancel()
-            tg.cancel_scope.cancel()
-
-        for event in events:
-            tg.start_soon(wait, event)
 
 
 # ---------------------------------------------------------------------- the instance

@@ -30,9 +30,13 @@ _ENC = msgspec.json.Encoder()
 async def state_reply(
     partitions: Sequence[Partition], store: Store, thresholds: Thresholds, kind: str, key: str
 ) -> dict[str, Any]:
-    """The section-5 reply for one key: live state when resident, else the stored one."""
-    part = partitions[partition_of(key, len(partitions))]
-    state = part.resident.get((kind, key))
+    """The section-5 reply for one key: live state when resident, else the stored one.
+
+    `partitions` are those this instance runs (any subset of the configured count, in any
+    order); the stored state of a key whose partition is not among them may be stale: ask
+    its owner (`router.state.*` is answered only by the owner)."""
+    part = partition_for(partitions, key)
+    state = part.resident.get((kind, key)) if part is not None else None
     if state is None:
         found = await store.load_actors([(kind, key)])
         item = found.get((kind, key))
@@ -56,6 +60,17 @@ async def open_reply(partitions: Sequence[Partition], store: Store, data: bytes)
         return _ENC.encode({"error": f"open exceptions query failed: {exc!r}"})
 
 
+def partition_for(partitions: Sequence[Partition], key: str) -> Partition | None:
+    """The running partition of `key` among `partitions`, or None when this instance does not run it."""
+    if not partitions:
+        return None
+    index = partition_of(key, partitions[0].cfg.router.partitions)
+    for p in partitions:
+        if p.index == index:
+            return p
+    return None
+
+
 async def serve_queries(
     nc: NATS,
     partitions: Sequence[Partition],
@@ -67,6 +82,7 @@ async def serve_queries(
     owns: Callable[[int], bool],
     instance: str,
     *,
+    partition_count: int | None = None,
     task_status: Any = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Answer `router.state.<kind>.<key>`, `router.exceptions.open`, `router.health` and
@@ -84,11 +100,12 @@ async def serve_queries(
     `refuse_bad_subjects(sub, refusal)` hands a subscription's requests whose subject is not
     valid UTF-8 to `refusal` (see router.jetstream.parser). A store found damaged while
     answering goes to `on_store_damaged` (the daemon moves it aside and rebuilds)."""
+    count = partition_count if partition_count is not None else len(partitions)
 
     async def on_state(subject: str, _data: bytes) -> bytes | None:
         tokens = subject.split(".")
         valid = len(tokens) == 4 and tokens[2] in actors.ACTORS and KEY_RE.match(tokens[3]) is not None
-        if not owns(partition_of(tokens[3], len(partitions)) if valid else 0):
+        if not owns(partition_of(tokens[3], count) if valid else 0):
             return None
         if not valid:
             body: dict[str, Any] = {

@@ -131,3 +131,77 @@ async def open_store(cfg: Config, events_info: Any, *, rebuilding: bool = False,
         action = "restoring from the cluster copy, else rebuilding from the stream" if copied else "rebuilding state from the stream"
         log.warning("snapshot_store_new", path=str(path), action=action)
     return store
+
+
+async def prepare_riding_through(p: Any, lease: Any) -> None:
+    """`p.prepare()` (a Partition), asked again while JetStream answers nothing or is between
+    leaders (a node of the cluster lost: an election takes seconds), for as long as `lease`
+    holds: once it does not, `lease.check()` raises LeaseLost and the partition is abandoned."""
+    import anyio
+
+    from router.jetstream.connection import is_transient
+
+    tries = 0
+    while True:
+        lease.check()
+        try:
+            await p.prepare()
+            return
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            tries += 1
+            log.warning("partition_prepare_retry", partition=p.index, tries=tries, error=repr(exc))
+        await anyio.sleep(min(0.25 * tries, 1.0))
+
+
+async def riding_through(what: str, fn: Any, *args: Any, within_s: float = 30.0) -> Any:
+    """`await fn(*args)`, asked again on a transient JetStream failure (see `is_transient`) for up
+    to `within_s`: a start against a cluster that is electing a leader waits for it."""
+    import anyio
+
+    from router.jetstream.connection import is_transient
+
+    deadline = anyio.current_time() + within_s
+    tries = 0
+    while True:
+        try:
+            return await fn(*args)
+        except Exception as exc:
+            if not is_transient(exc) or anyio.current_time() >= deadline:
+                raise
+            tries += 1
+            log.warning("jetstream_retry", what=what, tries=tries, error=repr(exc))
+        await anyio.sleep(min(0.25 * tries, 1.0))
+
+
+# How long a new owner may take, after it took a partition, to apply again the events whose
+# effects the old owner had on the wire: those lie past the consumer's ack floor, at most
+# `[router] max_ack_pending` events, plus the replay from the new owner's last snapshot.
+REPLAY_ALLOWANCE_S = 60.0
+
+
+def check_duplicate_window(cfg: Config, takeover_s: float, infos: dict[str, Any]) -> bool:
+    """Warn (`duplicate_window_short`) when a stream the router publishes to keeps a duplicate
+    window shorter than the longest takeover plus replay; False then.
+
+    An owner that lost its lease (frozen, cut off) may still have publishes in its socket; the
+    new owner publishes the same effects under the same `Nats-Msg-Id` when it applies those
+    events again, and the stream drops the second copy only within its duplicate window. The
+    window checked is the stream's own (a stream made elsewhere keeps its setting), against
+    `takeover_s` (the lease and a reading interval) + REPLAY_ALLOWANCE_S."""
+    need = takeover_s + REPLAY_ALLOWANCE_S
+    ok = True
+    for name in (cfg.streams.events, cfg.streams.exceptions, cfg.streams.deadletter):
+        info = infos.get(name)
+        window = float(getattr(getattr(info, "config", None), "duplicate_window", 0) or 0)
+        if window < need:
+            ok = False
+            log.warning(
+                "duplicate_window_short", stream=name, duplicate_window_s=window, needed_s=need,
+                takeover_s=takeover_s, replay_allowance_s=REPLAY_ALLOWANCE_S,
+                advice="raise the stream's duplicate window ([streams] duplicate_window for streams the router "
+                "creates; `nats stream edit` for one that exists): a taken-over partition's overlap could "
+                "otherwise publish an effect twice",
+            )
+    return ok

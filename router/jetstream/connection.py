@@ -134,3 +134,32 @@ def _check_seed(seed: str, key: str) -> str:
     except Exception:
         raise ConfigError(f"{key}: not a valid nkey seed (its checksum or length is wrong)") from None
     return seed
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A JetStream request that failed for now and may succeed when asked again: no reply in time,
+    no responder, JetStream unavailable (a stream or meta leader being elected on a cluster), or
+    the connection away. What the request asked for may or may not have happened."""
+    import nats.errors
+    import nats.js.errors
+
+    if isinstance(
+        exc,
+        (
+            TimeoutError,
+            nats.errors.TimeoutError,
+            nats.errors.NoRespondersError,
+            nats.errors.ConnectionClosedError,
+            nats.errors.ConnectionReconnectingError,
+            nats.errors.OutboundBufferLimitError,
+            nats.errors.StaleConnectionError,
+            nats.js.errors.ServiceUnavailableError,
+            nats.js.errors.NoStreamResponseError,
+        ),
+    ):
+        return True
+    if isinstance(exc, nats.js.errors.APIError):
+        # 503: JetStream not available now; 10012/10148: the consumer changed meanwhile (its
+        # delete not yet applied by the new leader): deleted and made again by the next try.
+        return exc.code in (503, 408) or exc.err_code in (10012, 10148)
+    return False

@@ -42,10 +42,27 @@ class OwnerRecord(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     lease_s: float = 0.0  # the owner's lease: a standby waits at least this long
     host: str = ""
     pid: int = 0
+    # The owner's applied-through sequence: every event of the partition at or below it is in
+    # the owner's last snapshot (written at every renewal and at the release).
+    applied_seq: int = 0
+
+
+class InstanceRecord(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+    """A live instance, at key `i.<instance>`: rewritten every renewal while it runs, deleted at a
+    graceful stop. Partitions are shared among the instances whose record keeps changing."""
+
+    instance: str
+    renewal: int = 0
+    lease_s: float = 0.0
+    host: str = ""
+    pid: int = 0
+    partitions: list[int] = msgspec.field(default_factory=list)  # those it owned at this write
 
 
 _ENC: Final = msgspec.json.Encoder()
 _DEC: Final = msgspec.json.Decoder(OwnerRecord)
+_IDEC: Final = msgspec.json.Decoder(InstanceRecord)
+INSTANCE_PREFIX: Final = "i."
 
 
 class Held(NamedTuple):
@@ -71,6 +88,10 @@ def bucket_name(consumer: str) -> str:
 
 def record_key(partition: int) -> str:
     return f"p.{partition}"
+
+
+def instance_key(instance: str) -> str:
+    return f"{INSTANCE_PREFIX}{instance}"
 
 
 class OwnershipBucket:
@@ -149,3 +170,50 @@ class OwnershipBucket:
             raise OwnershipConflict(f"{record_key(partition)} changed since revision {last}") from None
         except Exception as exc:
             raise OwnershipUnavailable(f"{type(exc).__name__}: {exc}") from None
+
+    # ------------------------------------------------------------------ instances
+
+    async def announce(self, record: InstanceRecord) -> int:
+        """Write this instance's presence record (its own key: no compare-and-set needed)."""
+        try:
+            with anyio.fail_after(self.timeout):
+                return int(await self.kv.put(instance_key(record.instance), _ENC.encode(record)))
+        except Exception as exc:
+            raise OwnershipUnavailable(f"{type(exc).__name__}: {exc}") from None
+
+    async def withdraw(self, instance: str) -> None:
+        """Delete this instance's presence record (a graceful stop): the others count it out at once."""
+        try:
+            with anyio.fail_after(self.timeout):
+                await self.kv.delete(instance_key(instance))
+        except Exception as exc:
+            raise OwnershipUnavailable(f"{type(exc).__name__}: {exc}") from None
+
+    async def instances(self) -> dict[str, tuple[InstanceRecord, int]]:
+        """Every presence record now stored: instance -> (record, revision). Listed with one stream
+        info request (the bucket's subjects under `i.`), then read key by key."""
+        prefix = f"$KV.{self.name}."
+        try:
+            with anyio.fail_after(self.timeout):
+                info = await self.kv._js.stream_info(  # (the JetStream context is a manager too)
+                    f"KV_{self.name}", subjects_filter=f"{prefix}{INSTANCE_PREFIX}>"
+                )
+        except Exception as exc:
+            raise OwnershipUnavailable(f"{type(exc).__name__}: {exc}") from None
+        out: dict[str, tuple[InstanceRecord, int]] = {}
+        for subject in (info.state.subjects or {}):
+            key = subject[len(prefix):]
+            try:
+                with anyio.fail_after(self.timeout):
+                    entry = await self.kv.get(key)
+            except KeyNotFoundError:
+                continue  # deleted meanwhile (or a delete marker)
+            except Exception as exc:
+                raise OwnershipUnavailable(f"{type(exc).__name__}: {exc}") from None
+            try:
+                rec = _IDEC.decode(entry.value or b"")
+            except msgspec.DecodeError:
+                continue  # not ours: ignored (it counts as no instance)
+            assert entry.revision is not None
+            out[rec.instance] = (rec, int(entry.revision))
+        return out

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.natscluster import NatsCluster
 from tests.support.natsserver import NatsServer
 
 
@@ -28,3 +29,15 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    """Three JetStream nats-server nodes routed to each other on loopback (free ports, temporary
+    stores); `.url` lists the three. Every node is killed at teardown, also on failure."""
+    cluster = NatsCluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()

@@ -313,63 +313,64 @@ async def test_the_publisher_drops_a_fenced_retry(nats_server: Any) -> None:
         await nc.close()
 
 
-async def test_one_instance_holds_all_partitions_and_hands_them_over(nats_server: Any) -> None:
-    from router.engine.ownership import OwnAll
+async def test_instances_share_the_partitions_and_hand_them_over(nats_server: Any) -> None:
+    """Two instances split four partitions two and two (the first hands two over when the second
+    appears); a lost lease abandons that partition only; a stop releases, and the other takes
+    the released partitions at once (no lease to wait out)."""
+    from router.engine.assignment import Share
 
     async with bucket(nats_server.url) as ba, bucket(nats_server.url) as bb:
-        a = OwnAll(Ownership(ba, "inst-a", FAST), 3)
-        b = OwnAll(Ownership(bb, "inst-b", FAST), 3)
+        a = Share(Ownership(ba, "inst-a", FAST), 4)
+        b = Share(Ownership(bb, "inst-b", FAST), 4)
         stop_a, stop_b = anyio.Event(), anyio.Event()
-        runs: list[tuple[str, list[int], bool]] = []
+        ended: list[tuple[str, int, int, str]] = []  # (instance, partition, epoch, how)
 
-        def worker(name: str, stop: anyio.Event) -> Any:
-            async def work(leases: list[Lease], lost: anyio.Event) -> bool:
-                runs.append((name, [lease.epoch for lease in leases], False))
+        def worker(name: str) -> Any:
+            async def work(lease: Lease, lost: anyio.Event, release: anyio.Event, running: Any) -> bool:
+                running()
                 async with anyio.create_task_group() as tg:
 
                     async def on(event: anyio.Event) -> None:
                         await event.wait()
                         tg.cancel_scope.cancel()
 
-                    tg.start_soon(on, stop)
                     tg.start_soon(on, lost)
-                runs.append((name, [], lost.is_set()))
-                return stop.is_set() and not lost.is_set()
+                    tg.start_soon(on, release)
+                graceful = release.is_set() and not lost.is_set()
+                ended.append((name, lease.partition, lease.epoch, "released" if graceful else "lost"))
+                return graceful
 
             return work
 
+        async def until(check: Any, timeout: float) -> None:
+            with anyio.fail_after(timeout):
+                while not check():
+                    await anyio.sleep(0.01)
+
         async with anyio.create_task_group() as tg:
-            tg.start_soon(a.serve, worker("a", stop_a), stop_a)
-            with anyio.fail_after(5):
-                while a.role != "owner":
-                    await anyio.sleep(0.01)
-            tg.start_soon(b.serve, worker("b", stop_b), stop_b)
-            await anyio.sleep(3 * FAST.lease_s)
-            assert b.role == "standby"
-            assert [a.owns(i) for i in range(3)] == [True] * 3
-            assert not b.owns(0)
+            await tg.start(a.serve, worker("a"), stop_a)
+            assert a.owned() == [0, 1, 2, 3]
+            tg.start_soon(b.serve, worker("b"), stop_b)
+            await until(lambda: len(a.owned()) == 2 and len(b.owned()) == 2, 5 * FAST.lease_s)
+            assert sorted(a.owned() + b.owned()) == [0, 1, 2, 3]
+            handed = [e for e in ended if e[0] == "a"]
+            assert [e[3] for e in handed] == ["released", "released"], ended
+            # What a sees of both (its next reading of the records has b's two).
+            await until(lambda: a.assignments() == {"inst-a": a.owned(), "inst-b": b.owned()}, 2 * FAST.lease_s)
 
-            # A lost lease (here: marked lost, as a refused renewal would) gives up every partition;
-            # with b standing by, a and b race for them, and one instance ends up with all three.
-            a.leases[1].lost = "taken"
-            with anyio.fail_after(5 * FAST.lease_s):
-                while not (a.role == "owner" or b.role == "owner") or len(runs) < 3:
-                    await anyio.sleep(0.01)
-            holder, other = (a, b) if a.role == "owner" else (b, a)
-            assert [holder.owns(i) for i in range(3)] == [True] * 3
-            assert other.role == "standby"
+            # A lost lease (marked lost, as a refused renewal would) abandons that partition only.
+            kept = a.owned()
+            a.leases[kept[0]].lost = "taken"
+            await until(lambda: ("a", kept[0], 1, "lost") in ended, 3 * FAST.lease_s)
+            assert kept[1] in a.owned()
+            await until(lambda: sorted(a.owned() + b.owned()) == [0, 1, 2, 3], 5 * FAST.lease_s)
 
-            # A graceful stop releases all: the standby takes them without waiting out a lease.
+            # A graceful stop releases: the other takes the partitions without waiting out a lease.
             stopped = time.monotonic()
-            (stop_a if holder is a else stop_b).set()
-            with anyio.fail_after(FAST.lease_s):
-                while other.role != "owner":
-                    await anyio.sleep(0.01)
-            assert time.monotonic() - stopped < FAST.lease_s - FAST.margin_s
-            assert [other.owns(i) for i in range(3)] == [True] * 3
-            stop_a.set()
             stop_b.set()
-        assert runs[0] == ("a", [1, 1, 1], False)
-        assert runs[1] == ("a", [], True)  # the loss ended a's run
-        first_epochs = [r[1][0] for r in runs if r[1]]
-        assert first_epochs == sorted(set(first_epochs)), runs  # every take of partition 0 a later epoch
+            await until(lambda: a.owned() == [0, 1, 2, 3], 3 * FAST.lease_s)
+            assert time.monotonic() - stopped < FAST.lease_s
+            held = [await ba.read(p) for p in range(4)]
+            assert all(h is not None and h.record.owner == "inst-a" for h in held)
+            stop_a.set()
+        assert sum(1 for e in ended if e[3] == "lost") == 1, ended
