@@ -45,6 +45,13 @@ def describe(report: model.Health) -> list[str]:
         f"  status {report.status}, nats {report.nats}, ready {'yes' if report.ready else 'no'}, pid {report.pid}, "
         f"up {report.uptime_s:,.0f}s, reported {report.updated_at}",
     ]
+    if report.partition_count:
+        lines.append(
+            f"  instance {report.instance or '?'} owns partitions {_ranges(report.owned)} of {report.partition_count}"
+        )
+        others = {i: ps for i, ps in report.instances.items() if i != report.instance}
+        if others:
+            lines.append("  other instances: " + "; ".join(f"{i} owns {_ranges(ps)}" for i, ps in others.items()))
     for p in report.partitions:
         lines.append(
             f"  partition {p.partition}: applied {p.applied_seq:,}, lag {p.lag:,}, resident {p.resident_actors:,}, "
@@ -55,6 +62,19 @@ def describe(report: model.Health) -> list[str]:
     free = f"{d.free_bytes / 2**30:,.1f} GiB free of {(d.total_bytes or 0) / 2**30:,.1f}" if d.free_bytes else "?"
     lines.append(f"  disk {d.status}: {free} ({d.path})")
     return lines
+
+
+def _ranges(partitions: list[int]) -> str:
+    """[0, 1, 2, 5] as "0-2, 5"; "none" for []."""
+    out: list[str] = []
+    for p in sorted(partitions):
+        if out and "-" not in out[-1].split(",")[-1] and int(out[-1]) == p - 1:
+            out[-1] = f"{out[-1]}-{p}"
+        elif out and "-" in out[-1] and int(out[-1].split("-")[1]) == p - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{p}"
+        else:
+            out.append(str(p))
+    return ", ".join(out) or "none"
 
 
 def cmd_health(args: argparse.Namespace) -> int:
