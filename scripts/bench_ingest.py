@@ -7,7 +7,8 @@ One `router run` process (the real CLI path, HTTP on a free loopback port) on a 
 of its own. Per run, the same count of a brand's realistic events (bench_lib.brand_day) is
 stored four ways, each timed from the first send until the last event is stored:
 
-- baseline: core publishes into EVENTS as `router pub` (and `nats pub`) send them, no headers;
+- baseline: core publishes into EVENTS as `router pub` (and `nats pub`) send them, no headers
+  (at least 40,000 events, so that the fastest way lasts long enough to time);
 - HTTP sequential: one keep-alive connection, one `POST /events/<kind>/<key>` at a time;
 - HTTP concurrent: 32 keep-alive connections posting at once;
 - HTTP batch: `POST /events` with NDJSON of `batch` lines, one request at a time.
@@ -169,7 +170,8 @@ async def measure(url: str, base: str, n: int, batch: int, run: int, progress: P
         return list(brand_day(n, skus=2_000, shipments=1_000, campaigns=20, seed=seed, t0_us=t0_us))
 
     start = await stream_last_seq(url)
-    evs = fresh(1000 + run)
+    # The baseline is two orders of magnitude faster: more events, so that it lasts long enough to time.
+    evs = list(brand_day(max(n, 40_000), skus=2_000, shipments=1_000, campaigns=20, seed=1000 + run, t0_us=t0_us))
     t = time.perf_counter()
     last = await publish_core(url, evs, chunk=2_000)
     await wait_stored(url, start + len(evs))
