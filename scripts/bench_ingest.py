@@ -44,6 +44,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lib import ROOT, Server, brand_day, publish_core, stream_last_seq
 
 CLIENTS = 32
+KEYS = True  # every event with an Idempotency-Key (--no-keys: none, to see what the record costs)
+
+
+def _key_header(tag: str, i: int) -> bytes:
+    return b"Idempotency-Key: %s-%d\r\n" % (tag.encode(), i) if KEYS else b""
 Progress = Callable[[str], None]
 
 
@@ -107,7 +112,7 @@ async def http_sequential(base: str, events: list[tuple[str, bytes]], tag: str) 
     try:
         for i, (subject, data) in enumerate(events):
             t = time.perf_counter()
-            status, body = await conn.post(_path(subject), data, b"Idempotency-Key: %s-%d\r\n" % (tag.encode(), i))
+            status, body = await conn.post(_path(subject), data, _key_header(tag, i))
             lat.append(time.perf_counter() - t)
             if status != 202:
                 raise RuntimeError(f"POST {subject}: {status} {body[:200]!r}")
@@ -125,7 +130,7 @@ async def http_concurrent(base: str, events: list[tuple[str, bytes]], tag: str, 
         for i in range(c, len(events), clients):
             subject, data = events[i]
             t = time.perf_counter()
-            status, body = await conn.post(_path(subject), data, b"Idempotency-Key: %s-%d\r\n" % (tag.encode(), i))
+            status, body = await conn.post(_path(subject), data, _key_header(tag, i))
             lat.append(time.perf_counter() - t)
             if status != 202:
                 raise RuntimeError(f"POST {subject}: {status} {body[:200]!r}")
@@ -149,8 +154,8 @@ async def http_batch(base: str, events: list[tuple[str, bytes]], tag: str, size:
             for i in range(start, min(start + size, len(events))):
                 subject, data = events[i]
                 _, kind, key = subject.split(".", 2)
-                lines.append(b'{"kind":"%s","key":"%s","idempotency_key":"%s-%d","event":%s}'
-                             % (kind.encode(), key.encode(), tag.encode(), i, data))
+                idem = b'"idempotency_key":"%s-%d",' % (tag.encode(), i) if KEYS else b""
+                lines.append(b'{"kind":"%s","key":"%s",%s"event":%s}' % (kind.encode(), key.encode(), idem, data))
             t = time.perf_counter()
             status, body = await conn.post("/events", b"\n".join(lines))
             lat.append(time.perf_counter() - t)
@@ -261,17 +266,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--events", type=int, default=4000, help="events per way and run (default 4000)")
     ap.add_argument("--batch", type=int, default=500, help="lines per batch request (default 500)")
+    ap.add_argument("--no-keys", action="store_true", help="send no Idempotency-Key (the record's cost)")
     ap.add_argument("--out", default=str(ROOT / "bench-results"))
     args = ap.parse_args(argv)
 
     def progress(text: str) -> None:
         print(f"[load {os.getloadavg()[0]:4.2f}] {text}", flush=True)
 
+    global KEYS
+    KEYS = not args.no_keys
     results = anyio.run(run_ingest, args.runs, args.events, args.batch, progress, backend="asyncio",
                         backend_options={"use_uvloop": True})
     s = summarize(results)
     med, ratio = s["median"], s["ratio"]
-    print(f"\nHTTP ingestion, medians of {args.runs} runs ({args.events} events per way and run):")
+    keys = "with" if KEYS else "without"
+    print(f"\nHTTP ingestion, medians of {args.runs} runs ({args.events} events per way and run, {keys} "
+          "Idempotency-Key):")
     print(f"  core publishes (router pub): {med['baseline']:>9,.0f} events/s")
     for w, label in (("sequential", "HTTP sequential"), ("concurrent", f"HTTP {CLIENTS} clients"),
                      ("batch", f"HTTP batch of {args.batch}")):
