@@ -110,29 +110,22 @@ class Runtime:
         self._stopped: dict[int, int] = {}  # partition -> applied_seq, of those stopped by a stop
         self._processed_at_stop = 0
 
-    def raw_path(
-        self, sub: Any, handler: Callable[[bytes, bytes, bytes, Any], None], *, raw_headers: bool = False
-    ) -> None:
-        """Deliver `sub`'s messages straight from the protocol parser to `handler`.
+    def raw_path(self, sub: Any, handler: Callable[[bytes, bytes, bytes, Any], None] | None, raw: bool = False) -> None:
+        """Deliver `sub`'s messages straight from the protocol parser to `handler` (None: undo).
 
-        nats-py builds a Msg, queues it and runs a callback task for every message; the
-        partition's hot path needs none of that. `router.jetstream.parser.FastParser` (installed by
-        `_connect`) calls the handler in wire order and leaves every other subscription on
-        nats-py's own path. `raw_headers`: the handler gets the header block as it came (bytes
-        or None) instead of a parsed dict (parsing costs ~80 us a message).
-        """
+        nats-py builds a Msg, queues it and runs a callback task for every message; the partition's
+        hot path needs none of that. `router.jetstream.parser.FastParser` (installed by `_connect`)
+        calls the handler in wire order, every other subscription on nats-py's own path. `raw`:
+        the header block as it came (bytes), not parsed (~80 us a message)."""
         parser = self.nc._ps
         assert isinstance(parser, FastParser), "connect with router.engine.daemon._connect"
-        parser.handlers[sub._id] = handler
-        if raw_headers:
-            parser.raw_headers.add(sub._id)
-
-    def drop_raw_path(self, sub: Any) -> None:
-        """Undo `raw_path` (before or after unsubscribing `sub`)."""
-        parser = self.nc._ps
-        if isinstance(parser, FastParser):
+        parser.raw_headers.discard(sub._id)
+        if handler is None:
             parser.handlers.pop(sub._id, None)
-            parser.raw_headers.discard(sub._id)
+            return
+        parser.handlers[sub._id] = handler
+        if raw:
+            parser.raw_headers.add(sub._id)
 
     def refuse_bad_subjects(self, sub: Any, refusal: Refusal) -> None:
         """Give `sub`'s messages whose subject or reply subject is not valid UTF-8 to `refusal`
@@ -443,12 +436,11 @@ async def _close_nats(nc: NATS) -> None:
                 await nc.close()
 
 
-# A service runs beside the router (the HTTP console, on-call): `router run` composes them, so
-# the engine imports none of them. Called as `await service(rt, task_status=...)` once the
-# Runtime is open (connected, streams ready, store open), before the partitions start; it calls
-# `task_status.started()` once it serves (a FatalError before that stops the start with its
-# message), then runs until cancelled, which happens after the router's graceful stop (final
-# snapshots written, the NATS connection still open). Started again after a store rebuild.
+# A service runs beside the router (the HTTP console, on-call), composed by `router run`: the engine
+# imports none. `await service(rt, task_status=...)` once the Runtime is open (connected, streams
+# ready, store open), before the partitions start; it calls `task_status.started()` once it serves
+# (a FatalError before that stops the start with its message), and is cancelled after the graceful
+# stop (final snapshots written, NATS still connected). Started again after a store rebuild.
 Service = Callable[..., Coroutine[Any, Any, None]]
 
 

@@ -187,7 +187,7 @@ class Feed:
         # Straight from the protocol parser (Runtime.raw_path), header block unparsed: nats-py's
         # own path would parse every exception's headers (~80 us each) for nothing.
         self._sub = await self.ctx.nc.subscribe(SUBJECT)
-        self.ctx.rt.raw_path(self._sub, self.on_exception, raw_headers=True)
+        self.ctx.rt.raw_path(self._sub, self.on_exception, raw=True)
         self._last = None
         scope = anyio.CancelScope()
         self._tick_scope = scope
@@ -204,7 +204,7 @@ class Feed:
         if sub is not None:
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await sub.unsubscribe()
-            self.ctx.rt.drop_raw_path(sub)
+            self.ctx.rt.raw_path(sub, None)
 
     async def _tick_loop(self, scope: anyio.CancelScope) -> None:
         with scope:
