@@ -244,12 +244,12 @@ class Store:
         await self.close()
 
     @staticmethod
-    async def quarantine(path: str | os.PathLike[str]) -> Path:
+    async def quarantine(path: str | os.PathLike[str], label: str = "damaged") -> Path:
         """Move a damaged store (and its -wal/-shm) to `<name>.damaged-<UTC timestamp>`; return that path.
 
         The store must not be open. The next `Store.open(path)` creates a fresh one.
         """
-        return await anyio.to_thread.run_sync(_schema.quarantine_file, Path(path))
+        return await anyio.to_thread.run_sync(_schema.quarantine_file, Path(path), label)
 
     # -- blobs and partition marks ----------------------------------------------------
 

@@ -37,6 +37,7 @@ from router.cli.health import add_parser as add_health_parser
 from router.cli.oncall import add_parser as add_oncall_parser
 from router.cli.open import add_parser as add_open_parser
 from router.cli.redrive import field_setting, since_time
+from router.cli.repartition import add_parser as add_repartition_parser
 from router.cli.store import add_store_commands
 
 # --- run, check-config, schema ---------------------------------------------------------
@@ -426,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_simulate)
 
     add_store_commands(sub, config_opt)
+    add_repartition_parser(sub, config_opt)
     return parser
 
 

@@ -19,7 +19,8 @@ import structlog
 
 from contracts.config import Config
 from router.errors import FatalError
-from snapshots import Store, StoreDamagedError
+from snapshots import Store, StoreDamagedError, StoreError
+from snapshots.relayout import LAYOUT_BLOB
 
 log = structlog.get_logger()
 
@@ -119,6 +120,7 @@ async def open_store(cfg: Config, events_info: Any, *, rebuilding: bool = False,
         await quarantine(cfg, exc, found="opening it")
         rebuilding = True
         store = await Store.open(path, synchronous=cfg.snapshots.synchronous)
+    store = await _check_layout(cfg, store, copied)
     if store.created and not has_history:
         await store.close()
         path.unlink(missing_ok=True)
@@ -205,3 +207,37 @@ def check_duplicate_window(cfg: Config, takeover_s: float, infos: dict[str, Any]
                 "otherwise publish an effect twice",
             )
     return ok
+
+
+async def _check_layout(cfg: Config, store: Store, copied: bool) -> Store:
+    """The store must be laid out for `[router] partitions` (`router repartition` changes both).
+
+    A store that does not say yet is marked now. One laid out for another count (this
+    instance's store from before a repartition made elsewhere) is moved aside when the cluster
+    copy can restore it, else the start stops with a message."""
+    want = str(cfg.router.partitions)
+    try:
+        have = await store.read_blob(LAYOUT_BLOB)
+        if have is None:
+            await store.save_blob(LAYOUT_BLOB, want.encode())
+            return store
+    except StoreError:  # a damaged store: found (and handled) where the partitions read it
+        return store
+    if have.decode(errors="replace") == want:
+        return store
+    path = store.path
+    await store.close()
+    if not copied:
+        raise FatalError(
+            f"snapshot store {path} is laid out for {have.decode(errors='replace')} partitions but "
+            f"[router] partitions is {want}: run `router repartition --to {want}` (or move the store "
+            f"aside to rebuild it from the stream)"
+        )
+    moved = await Store.quarantine(path, "other-layout")
+    log.warning(
+        "snapshot_store_other_layout", path=str(path), partitions=have.decode(errors="replace"), want=want,
+        moved_to=str(moved), action="restoring from the cluster copy",
+    )
+    store = await Store.open(path, synchronous=cfg.snapshots.synchronous)
+    await store.save_blob(LAYOUT_BLOB, want.encode())
+    return store
