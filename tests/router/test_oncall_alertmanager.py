@@ -209,3 +209,64 @@ async def test_inside_router_run_a_delivered_shipment_resolves(nats_server: Nats
             # No clear was published for the excursion: the sink found the shipment finished.
             assert [(e["rule"], e["status"]) for e in stored] == [
                 ("sla_at_risk", "raised"), ("temperature_excursion", "raised"), ("sla_at_risk", "cleared")]
+
+
+async def test_backfill_does_not_page(nats_server: NatsServer, tmp_path: Path) -> None:
+    """A raise caused by an event two days old when detected is skipped; a fresh one is posted."""
+    from contracts.times import rfc3339
+
+    with running_alertmanager(tmp_path / "am") as am:
+        cfg = oncall_config(nats_server.url, tmp_path / "data", am, backfill_age="1h")
+        async with running_router(cfg), running_sink(cfg):
+            old = rfc3339(now_us() - 2 * 86_400_000_000)
+            await publish_all(nats_server.url, [
+                sku("SKU-OLD", type="received", location="BLR-DS-4", qty=2, ts=old),
+                sku("SKU-NEW", type="received", location="BLR-DS-4", qty=2),
+            ])
+            new = ("low_stock", "sku", "SKU-NEW", "BLR-DS-4")
+
+            async def new_active() -> bool:
+                return new in await alerts(am)
+
+            await wait_for(new_active, 20, "the fresh raise posted")
+
+            def status_counts_the_skip() -> bool:
+                status = read_status(cfg)
+                return bool(status) and status["targets"]["alertmanager"]["skipped_backfill"] == 1  # type: ignore[index]
+
+            await wait_for(status_counts_the_skip, 10, "status: one back-fill skipped")
+            assert set(await alerts(am)) == {new}
+
+
+async def test_alertmanager_away_then_back_catches_up(nats_server: NatsServer, tmp_path: Path) -> None:
+    """Alertmanager stops; raises and clears go on; when it is back (empty: it keeps no alerts on
+    disk) it ends up with exactly the open exceptions, without a restart of anything else."""
+    with running_alertmanager(tmp_path / "am") as am:
+        cfg = oncall_config(nats_server.url, tmp_path / "data", am)
+        async with running_router(cfg), running_sink(cfg):
+            await publish_all(nats_server.url, [sku("SKU-A", type="received", location="BLR-DS-4", qty=2)])
+            a = ("low_stock", "sku", "SKU-A", "BLR-DS-4")
+
+            async def a_active() -> bool:
+                return a in await alerts(am)
+
+            await wait_for(a_active, 20, "first alert")
+            am.stop()
+            await publish_all(nats_server.url, [
+                sku("SKU-B", type="received", location="BLR-DS-4", qty=1),
+                sku("SKU-C", type="received", location="DEL-WH-1", qty=1),
+                sku("SKU-A", type="received", location="BLR-DS-4", qty=30),
+            ])
+
+            def retrying() -> bool:
+                status = read_status(cfg)
+                return bool(status) and bool(status["targets"]["alertmanager"]["retrying"])  # type: ignore[index]
+
+            await wait_for(retrying, 20, "status: retrying while Alertmanager is away")
+            am.start()
+            want = {("low_stock", "sku", "SKU-B", "BLR-DS-4"), ("low_stock", "sku", "SKU-C", "DEL-WH-1")}
+
+            async def caught_up() -> bool:
+                return set(await alerts(am)) == want
+
+            await wait_for(caught_up, 60, "Alertmanager back with exactly the open exceptions")
