@@ -28,12 +28,15 @@ REQUIRED: Final = {
     "timers": "table",
     "timers_due": "index",
     "open_exceptions": "table",
+    "open_exceptions_counts": "index",
 }
 
 # open_exceptions is the open set (CONTRACT 5.1) of the stored actor states: one row per raise in
 # force, its payload as published, written in the same transaction as its actor's row (see
 # snapshots.open_index). `location` is '' for rules that are not location-scoped (a location is
-# never empty), so the primary key is the reply's sort order with null first.
+# never empty), so the primary key is the reply's sort order with null first. Its index holds
+# every column but the payload (a WITHOUT ROWID table's index carries the primary key), in the
+# order of the page's board, so a count or a grouping reads the small index, not the payloads.
 # timers is WITHOUT ROWID: its rows are small and the primary key is its only lookup, and
 # because it has no rowid its secondary index carries the primary key columns, so
 # (partition, deadline_us, kind, key, name) answers `due_timers` from the index alone, in
@@ -82,6 +85,8 @@ CREATE TABLE open_exceptions (
     payload   TEXT NOT NULL,
     PRIMARY KEY (kind, key, rule, location)
 ) WITHOUT ROWID;
+
+CREATE INDEX open_exceptions_counts ON open_exceptions (severity, kind, rule, location, partition);
 """
 
 _MAGIC: Final = b"SQLite format 3\x00"

@@ -91,77 +91,119 @@ async def put_open(db: aiosqlite.Connection, partition: int, rows: Sequence[Any]
 # ---------------------------------------------------------------------------------- reads
 
 
-def _where(
-    partitions: Sequence[int], filters: Mapping[str, str], exclude: Sequence[tuple[str, str]]
-) -> tuple[str, list[object]]:
-    clauses = ["partition IN (SELECT value FROM json_each(?))"]
+def _where(partitions: Sequence[int], filters: Mapping[str, str], *, by_index: bool) -> tuple[str, list[object]]:
+    # `+partition` keeps SQLite off the index for a page: it reads the table in key order and
+    # stops at the limit, instead of reading every match through the index and sorting.
+    clauses = [f"{'' if by_index else '+'}partition IN (SELECT value FROM json_each(?))"]
     args: list[object] = [_JSON.encode(list(partitions)).decode()]
     for name, value in filters.items():
         if name not in COLUMNS:
             raise ValueError(f"not a column of the open set: {name!r}")
         clauses.append(f"{name} = ?")
         args.append(value)
-    if exclude:
-        clauses.append("(kind, key) NOT IN (SELECT j.value->>0, j.value->>1 FROM json_each(?) AS j)")
-        args.append(_JSON.encode(list(exclude)).decode())
     return " AND ".join(clauses), args
+
+
+def _keys_json(keys: Sequence[tuple[str, str]]) -> str:
+    return _JSON.encode(list(keys)).decode()
+
+
+# Counts and groupings read the index (every column but the payload), not the table: SQLite
+# would otherwise pick the table for a grouping by (kind, rule), reading every payload.
+_COUNTS: Final = "INDEXED BY open_exceptions_counts"
+
+# The rows of some keys (a JSON array of [kind, key]): a primary-key search per key.
+_OF_KEYS: Final = (
+    "SELECT kind, key, rule, location, severity, payload FROM open_exceptions WHERE (kind, key) IN"
+    " (SELECT j.value->>0, j.value->>1 FROM json_each(?) AS j)"
+)
 
 
 async def page(
     store: Store,
     partitions: Sequence[int],
     filters: Mapping[str, str],
-    exclude: Sequence[tuple[str, str]],
     after: tuple[str, str, str, str] | None,
     limit: int,
-) -> tuple[list[OpenRow], int]:
-    """(up to `limit` rows after `after` in sort order, the count of every match) of the stored
-    open set of `partitions`, leaving out the keys in `exclude`; one statement, one read."""
-    where, args = _where(partitions, filters, exclude)
-    cursor = ""
-    page_args = list(args)
+    keys: Sequence[tuple[str, str]],
+) -> tuple[list[OpenRow], list[OpenRow], int]:
+    """Of the stored open set of `partitions`, in one read (one statement: one state of the store):
+    up to `limit` matching rows after `after` in sort order, leaving out `keys`; every row of
+    `keys`; and the count of every match (`keys` included: the caller knows their rows)."""
+    where, args = _where(partitions, filters, by_index=False)
+    counted, count_args = _where(partitions, filters, by_index=True)
     if after is not None:
-        cursor = " AND (kind, key, rule, location) > (?, ?, ?, ?)"
-        page_args += list(after)
+        where += " AND (kind, key, rule, location) > (?, ?, ?, ?)"
+        args += list(after)
+    # Leaving keys out row by row costs little here: a page stops at its limit.
+    where += " AND kind || char(31) || key NOT IN (SELECT value FROM json_each(?))"
+    args.append(_JSON.encode([f"{kind}\x1f{key}" for kind, key in keys]).decode())
     sql = (
-        f"SELECT kind, key, rule, location, severity, payload, (SELECT count(*) FROM open_exceptions WHERE {where})"
-        f" FROM open_exceptions WHERE {where}{cursor} ORDER BY kind, key, rule, location LIMIT ?"
+        "SELECT 0, * FROM (SELECT kind, key, rule, location, severity, payload FROM open_exceptions"
+        f" WHERE {where} ORDER BY kind, key, rule, location LIMIT ?)"
+        f" UNION ALL SELECT 1, * FROM ({_OF_KEYS})"
+        f" UNION ALL SELECT 2, count(*), '', '', '', '', '' FROM open_exceptions {_COUNTS} WHERE {counted}"
     )
+    rows: list[OpenRow] = []
+    of_keys: list[OpenRow] = []
+    total = 0
     async with store.reader("open_page") as db:
-        found = list(await db.execute_fetchall(sql, (*args, *page_args, limit)))
-        if not found:
-            ((total,),) = await db.execute_fetchall(f"SELECT count(*) FROM open_exceptions WHERE {where}", args)
-            return [], int(total)
-    return [OpenRow(*r[:6]) for r in found], int(found[0][6])
+        for part, *row in await db.execute_fetchall(sql, (*args, limit, _keys_json(keys), *count_args)):
+            if part == 0:
+                rows.append(OpenRow(*row))
+            elif part == 1:
+                of_keys.append(OpenRow(*row))
+            else:
+                total = int(row[0])
+    return rows, of_keys, total
 
 
 async def groups(
-    store: Store, partitions: Sequence[int], columns: Sequence[str], exclude: Sequence[tuple[str, str]]
-) -> list[tuple[tuple[str, ...], int]]:
-    """[(values of `columns`, count)] of the stored open set of `partitions`, without `exclude`d keys."""
+    store: Store, partitions: Sequence[int], columns: Sequence[str], keys: Sequence[tuple[str, str]]
+) -> tuple[list[tuple[tuple[str, ...], int]], list[OpenRow]]:
+    """Of the stored open set of `partitions`, in one read: [(values of `columns`, count)] of every
+    row (`keys` included), and every row of `keys`."""
     for c in columns:
         if c not in COLUMNS:
             raise ValueError(f"not a column of the open set: {c!r}")
-    where, args = _where(partitions, {}, exclude)
+    where, args = _where(partitions, {}, by_index=True)
     cols = ", ".join(columns)
-    sql = f"SELECT {cols}, count(*) FROM open_exceptions WHERE {where} GROUP BY {cols}"
-    async with store.reader("open_groups") as db:
-        rows = await db.execute_fetchall(sql, args)
     n = len(columns)
-    return [(tuple(str(v) for v in r[:n]), int(r[n])) for r in rows]
-
-
-async def of_keys(store: Store, keys: Sequence[tuple[str, str]]) -> list[OpenRow]:
-    """Every stored row of `keys`."""
-    if not keys:
-        return []
+    pad = ", ".join(["''"] * (6 - n - 1)) if n < 5 else ""
     sql = (
-        "SELECT kind, key, rule, location, severity, payload FROM open_exceptions WHERE (kind, key) IN"
-        " (SELECT j.value->>0, j.value->>1 FROM json_each(?) AS j)"
+        f"SELECT 0, {cols}, count(*){', ' + pad if pad else ''} FROM open_exceptions {_COUNTS} WHERE {where}"
+        f" GROUP BY {cols}"
+        f" UNION ALL SELECT 1, * FROM ({_OF_KEYS})"
     )
-    async with store.reader("open_of_keys") as db:
-        rows = await db.execute_fetchall(sql, (_JSON.encode(list(keys)).decode(),))
-    return [OpenRow(*r) for r in rows]
+    found: list[tuple[tuple[str, ...], int]] = []
+    of_keys: list[OpenRow] = []
+    async with store.reader("open_groups") as db:
+        for part, *row in await db.execute_fetchall(sql, (*args, _keys_json(keys))):
+            if part == 0:
+                found.append((tuple(str(v) for v in row[:n]), int(row[n])))
+            else:
+                of_keys.append(OpenRow(*row))
+    return found, of_keys
+
+
+# Kinds whose entities finish (a delivered shipment, an ended campaign).
+FINISHING: Final = ("campaign", "shipment")
+
+
+async def finishing_keys(store: Store, partitions: Sequence[int]) -> dict[int, list[tuple[str, str]]]:
+    """{partition: [(kind, key)]} of the entities of kinds that finish with stored rows (from the
+    index: no payload is read)."""
+    out: dict[int, list[tuple[str, str]]] = {p: [] for p in partitions}
+    async with store.reader("open_finishing") as db:
+        rows = await db.execute_fetchall(
+            f"SELECT partition, kind, key FROM open_exceptions {_COUNTS} WHERE kind IN (?, ?)", FINISHING
+        )
+    seen: set[tuple[str, str]] = set()
+    for p, kind, key in rows:
+        if p in out and (kind, key) not in seen:
+            seen.add((kind, key))
+            out[p].append((kind, key))
+    return out
 
 
 async def count(store: Store) -> int:

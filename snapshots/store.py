@@ -440,8 +440,14 @@ class Store:
                     "SELECT count(*) FROM timers AS t JOIN actors AS a ON a.kind = t.kind AND a.key = t.key"
                     " WHERE a.partition != t.partition"
                 )
+                ((open_orphans,),) = await db.execute_fetchall(
+                    "SELECT count(*) FROM open_exceptions AS o LEFT JOIN actors AS a ON a.kind = o.kind AND a.key = o.key"
+                    " WHERE a.partition IS NOT o.partition"
+                )
             except sqlite3.DatabaseError as e:
                 return [*problems, f"SQLite: {e}"]
+        if open_orphans:
+            problems.append(f"{open_orphans} open exceptions have no actor row in their partition")
         if orphans:
             problems.append(f"{orphans} timers have no actor row")
         if moved:

@@ -10,7 +10,8 @@ it runs; replies are collected until every partition 0..P-1 is covered, then mer
 kind, key, rule, location (null first), cut at `limit`, totals summed. `next` pages on across
 instances (each answers with the entries after the cursor's key). A request the contract does
 not allow raises `BadFilter` before anything is sent (HTTP: 400); partitions not covered by
-the deadline raise `Incomplete`, naming them (HTTP: 503).
+the deadline raise `Incomplete`, naming them (HTTP: 503). When two instances answer for one
+partition for a moment (a takeover), replies that cover each partition once are taken.
 """
 
 from __future__ import annotations
@@ -95,11 +96,11 @@ async def gather_open(
             error.append(f"instances disagree on the partition count ({count} and {p_count})")
             done.set()
             return
-        if not parts or covered.intersection(parts):
-            return  # (two owners of one partition for a moment: the first answer counts)
-        covered.update(parts)
+        if not parts:
+            return
         replies.append(body)
-        if covered >= set(range(count)):
+        covered.update(parts)
+        if covered >= set(range(count)) and _cover(replies, count) is not None:
             done.set()
 
     inbox = nc.new_inbox()
@@ -113,10 +114,33 @@ async def gather_open(
             await sub.unsubscribe()
     if error:
         raise BadFilter(error[0])
-    if count is None or not covered >= set(range(count)):
+    chosen = _cover(replies, count) if count is not None else None
+    if count is None or chosen is None:
         missing = sorted(set(range(count)) - covered) if count is not None else []
         raise Incomplete(missing, count, wait_s)
-    return merge(replies, req, count)
+    return merge(chosen, req, count)
+
+
+def _cover(replies: list[dict[str, Any]], count: int) -> list[dict[str, Any]] | None:
+    """Replies whose partitions cover 0..count-1 exactly once each (earlier replies first), or None.
+
+    Two instances may both answer for a partition for a moment (a takeover): the entries of a
+    reply cannot be told apart by partition, so a partition must come from one reply alone."""
+    sets = [frozenset(int(p) for p in r["partitions"]) for r in replies]
+    want = frozenset(range(count))
+
+    def search(i: int, have: frozenset[int]) -> list[int] | None:
+        if have == want:
+            return []
+        for j in range(i, len(sets)):
+            if not have & sets[j]:
+                rest = search(j + 1, have | sets[j])
+                if rest is not None:
+                    return [j, *rest]
+        return None
+
+    found = search(0, frozenset())
+    return None if found is None else [replies[j] for j in found]
 
 
 def merge(replies: list[dict[str, Any]], req: Request, partition_count: int) -> dict[str, Any]:

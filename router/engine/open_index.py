@@ -15,8 +15,9 @@ Where it is kept, and why there:
   whenever one is written, its rows go (`capture`). Finishing may raise nothing (a delivery
   with only `sla_breached` open), so it is read from the state, not from the effects.
 - Between snapshots, the changes since a key was last written are here in memory (`changes`),
-  and `view` gives them to a query to lay over the stored rows; dirty actors that finished
-  without a change are found among the dirty keys. A query reads no actor from the store.
+  and `view` gives them to a query to lay over the stored rows. An actor that finished without
+  a change has stored rows: among the keys with stored rows of the kinds that finish, those
+  in memory and finished are left out. A query reads no actor from the store.
 
 A fired timer's record is the state right after the firing; the open changes it carries are
 those of its key up to the write. Events applied since the firing are then ahead of the stored
@@ -89,10 +90,10 @@ class OpenIndex:
 
     def capture(self, k: Key, state: Any) -> OpenRows | None:
         """What a write of `k` in `state` carries for the open set (None: nothing to change)."""
-        if finished(k[0], state):
-            d = self.changes.get(k)
-            return _EMPTY if d is None else OpenRows(clear=True, version=d.version)
         d = self.changes.get(k)
+        kind = k[0]  # (finished(), inline: this runs for every actor a snapshot writes)
+        if (kind == "shipment" and state.status == "delivered") or (kind == "campaign" and state.ended):
+            return _EMPTY if d is None else OpenRows(clear=True, version=d.version)
         if d is None:
             return None
         drop: list[Entry] = []
@@ -116,8 +117,9 @@ class OpenIndex:
             if d is not None and d.version == o.version:
                 del changes[k]
 
-    def view(self, *unwritten: Iterable[Key]) -> View:
-        """The changes not yet in the store, and which of `unwritten` (dirty, being written) finished."""
+    def view(self, stored: Iterable[Key] = ()) -> View:
+        """The changes not yet in the store, at this moment; and which of `stored` (keys of kinds that
+        finish with rows in the store) finished since they were last written."""
         resident = self._resident
         v = View(self.partition)
         for k, d in self.changes.items():
@@ -126,12 +128,11 @@ class OpenIndex:
                 v.finished.add(k)
             else:
                 v.changes[k] = dict(d.entries)
-        for keys in unwritten:
-            for k in keys:
-                if k[0] != "sku" and k not in v.changes:
-                    st = resident.get(k)
-                    if st is not None and finished(k[0], st):
-                        v.finished.add(k)
+        for k in stored:
+            if k not in v.changes:
+                st = resident.get(k)  # (not in memory: as stored)
+                if st is not None and finished(k[0], st):
+                    v.finished.add(k)
         v.keys = [*v.changes, *v.finished]
         return v
 

@@ -42,6 +42,7 @@ BOARD: Final = ("severity", "kind", "rule", "location")
 BY_RULE: Final = ("kind", "rule")
 
 SortKey = tuple[str, str, str, str]  # kind, key, rule, location ('' for none)
+Row = tuple[str, str, str, str, str, str]  # kind, key, rule, location, severity, payload
 
 _DECODE_OBJ: Final = msgspec.json.Decoder(dict[str, Any])
 _CURSOR: Final = msgspec.json.Decoder(tuple[str, str, str, str])
@@ -144,29 +145,35 @@ def _matches(row: Sequence[str], filters: Mapping[str, str]) -> bool:
     return all(row[stored.COLUMNS.index(name)] == value for name, value in filters.items())
 
 
-def _views(partitions: Sequence[Partition]) -> list[View]:
-    """Every partition's changes at one moment (no await in between)."""
-    return [p.snapshots.open_view() for p in partitions]
+async def _views(partitions: Sequence[Partition], store: Store) -> list[View]:
+    """Every partition's changes at one moment (no await in between), and which of the stored
+    entities that can finish did finish since they were written."""
+    finishing = await stored.finishing_keys(store, [p.index for p in partitions])
+    return [p.snapshots.open_view(finishing[p.index]) for p in partitions]
 
 
 async def answer(partitions: Sequence[Partition], store: Store, partition_count: int, req: Request) -> bytes:
-    """The reply (encoded) for `partitions`, the ones this instance runs now."""
+    """The reply (encoded) for `partitions`, the ones this instance runs now.
+
+    The stored rows of the keys with changes not stored yet are left out of the stored page and
+    replaced by the keys' entries now (`effective`); the stored count is corrected the same way."""
     owned = sorted(p.index for p in partitions)
-    views = _views(partitions)
-    overlay_keys = [k for v in views for k in v.keys]
-    overlay = effective(views, await stored.of_keys(store, overlay_keys))
-    matching = [e for e in overlay if _matches(e, req.filters)]
-    rows, total = await stored.page(store, owned, req.filters, overlay_keys, req.after, req.limit + 1)
+    views = await _views(partitions, store)
+    keys = [k for v in views for k in v.keys]
     after = req.after
-    found: list[tuple[str, str, str, str, str, str]] = [tuple(r) for r in rows]  # type: ignore[misc]
-    found += [e for e in matching if after is None or (e[0], e[1], e[2], e[3]) > after]
+    # Enough stored rows to fill the page whatever the keys' own entries turn out to be.
+    rows, of_keys, stored_total = await stored.page(store, owned, req.filters, after, req.limit + 1, keys)
+    overlay = [e for e in effective(views, of_keys) if _matches(e, req.filters)]
+    total = stored_total - sum(1 for r in of_keys if _matches(r, req.filters)) + len(overlay)
+    found: list[Row] = [tuple(r) for r in rows]  # type: ignore[misc]
+    found += [e for e in overlay if after is None or (e[0], e[1], e[2], e[3]) > after]
     found.sort(key=lambda e: (e[0], e[1], e[2], e[3]))
     more = len(found) > req.limit
     page = found[: req.limit]
     nxt = encode_cursor((page[-1][0], page[-1][1], page[-1][2], page[-1][3])) if more and page else None
     reply = {
         "open": [msgspec.Raw(e[5].encode()) for e in page],
-        "total": total + len(matching),
+        "total": total,
         "next": nxt,
         "partitions": owned,
         "partition_count": partition_count,
@@ -180,17 +187,22 @@ async def counts(
     """Open exceptions of `partitions` counted by the columns `by` (any of kind, key, rule,
     location, severity, in any order; location None for rules without one), from the stored
     open set and the changes not stored yet: {(values...): count}, zero counts left out."""
-    views = _views(partitions)
-    overlay_keys = [k for v in views for k in v.keys]
-    overlay = effective(views, await stored.of_keys(store, overlay_keys))
-    out: dict[tuple[str | None, ...], int] = {}
+    views = await _views(partitions, store)
+    keys = [k for v in views for k in v.keys]
+    found, of_keys = await stored.groups(store, sorted(p.index for p in partitions), by, keys)
     loc = by.index("location") if "location" in by else -1
-    for values, n in await stored.groups(store, sorted(p.index for p in partitions), by, overlay_keys):
+    out: dict[tuple[str | None, ...], int] = {}
+    for values, n in found:
         out[_group(values, loc)] = n
     idx = [stored.COLUMNS.index(c) for c in by]
-    for e in overlay:
-        g = _group(tuple(e[i] for i in idx), loc)
-        out[g] = out.get(g, 0) + 1
+    for sign, entries in ((-1, of_keys), (1, effective(views, of_keys))):
+        for e in entries:
+            g = _group(tuple(e[i] for i in idx), loc)
+            n = out.get(g, 0) + sign
+            if n:
+                out[g] = n
+            else:
+                out.pop(g, None)
     return out
 
 

@@ -17,7 +17,7 @@ one log line each way.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
 import anyio
@@ -111,9 +111,9 @@ class Snapshotter:
         self.open = OpenIndex(index, resident)
         outbox.open_index = self.open
 
-    def open_view(self) -> View:
+    def open_view(self, stored: Iterable[Key] = ()) -> View:
         """The open-set changes not in the store yet (for a query: see router.engine.open_query)."""
-        return self.open.view(self.dirty, self.writing)
+        return self.open.view(stored)
 
     # ------------------------------------------------------------------ when
 

@@ -112,7 +112,7 @@ async def test_a_store_of_schema_1_is_not_read(db_path: Path) -> None:
         con.execute("UPDATE meta SET value = '1' WHERE name = 'schema_version'")
     con.close()
     err = await open_damaged(db_path)
-    assert err.reason == "missing schema: no open_exceptions"
+    assert err.reason == "missing schema: no open_exceptions, open_exceptions_counts"
 
 
 async def test_missing_version_row(db_path: Path) -> None:
