@@ -186,6 +186,15 @@ async def groups(
     return found, of_keys
 
 
+async def of_keys(store: Store, keys: Sequence[tuple[str, str]]) -> list[OpenRow]:
+    """Every stored row of `keys`."""
+    if not keys:
+        return []
+    async with store.reader("open_of_keys") as db:
+        rows = await db.execute_fetchall(_OF_KEYS, (_keys_json(keys),))
+    return [OpenRow(*r) for r in rows]
+
+
 # Kinds whose entities finish (a delivered shipment, an ended campaign).
 FINISHING: Final = ("campaign", "shipment")
 

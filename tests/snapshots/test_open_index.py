@@ -40,6 +40,9 @@ async def test_changes_travel_with_the_actor_rows(store: Store, tmp_path: Path) 
         ("sku", "B", "low_stock", "DS-2"),
     ]
     assert (of_keys, total) == ([], 5)
+    assert sorted((r.key, r.rule) for r in await stored.of_keys(store, [("sku", "B"), ("shipment", "S"), ("sku", "Z")])) == [
+        ("B", "low_stock"), ("S", "sla_at_risk"),
+    ]
     # Filters, a partition, a cursor, keys left out of the page (their rows come apart).
     rows, of_keys, total = await stored.page(store, [0], {"rule": "low_stock"}, None, 10, [("sku", "A")])
     assert [r.key for r in rows] == ["B"]
