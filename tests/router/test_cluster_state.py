@@ -1,0 +1,78 @@
+"""State that outlives a machine, on a 3-node cluster (issue 14): an instance's data folder is
+deleted while it is down; the partitions it owned are restored from the cluster copy by the
+instance that takes them, and again by the emptied instance when it rejoins and gets its share.
+
+Real processes: three nats-server nodes, R3 streams and buckets, two router instances. Ends held
+against the fold of EVENTS: every exception exactly once, every dead letter, every key's state,
+each partition owned by exactly one live instance.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from router.workload import workload
+from tests.router.test_cluster import ROUTER, STREAMS, check_outcome, events_of, routers, tails, wait_running
+from tests.support.clusterload import AckedPublisher, wait_one_owner_each
+from tests.support.harness import wait_for
+from tests.support.natscluster import NatsCluster
+from tests.support.procs import write_config
+
+pytestmark = [pytest.mark.anyio, pytest.mark.cluster]
+
+DAY_US = 86_400_000_000
+
+
+async def test_a_data_folder_lost_while_down_is_restored_from_the_cluster(
+    nats_cluster: NatsCluster, tmp_path: Path
+) -> None:
+    c = nats_cluster
+    url = c.urls[0]
+    now_us = time.time_ns() // 1000 + DAY_US
+    messages = list(workload(seed=51, count=10_000, bad_share=0.02, now_us=now_us))
+    with routers(tmp_path, c.url, "ab") as procs:
+        a, b = procs["a"], procs["b"]
+        cfg = write_config(a.config_path, c.url, router=ROUTER, streams=STREAMS)
+        try:
+            a.start()
+            b.start()
+            await wait_running(url, a)
+            await wait_running(url, b)
+            await wait_one_owner_each(url, cfg, [a, b])
+            pub = AckedPublisher(c.url, messages)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pub.run, 200, 0.1)
+                with anyio.fail_after(60):
+                    while pub.sent < 4_000:
+                        await anyio.sleep(0.05)
+                a.kill()
+                shutil.rmtree(a.config_path.parent / "data")  # its disk is gone
+            # b takes a's partitions once their leases lapse; its store never held them.
+            await wait_one_owner_each(url, cfg, [b])
+            await check_outcome(url, cfg, [b])
+            restored_b = events_of(b, "state_restored_from_cluster")
+            assert restored_b, b.tail(60)
+            assert sum(e["actors"] for e in restored_b) > 0
+            # a comes back with an empty data folder (a new instance): it gets a fair share,
+            # restored from the cluster copy, and the load goes on.
+            a.start()
+            await wait_running(url, a)
+            await wait_one_owner_each(url, cfg, [a, b])
+
+            def a_ready() -> bool:  # every partition it took is restored and running
+                taken = len(events_of(a, "ownership_taken"))
+                return taken > 0 and len(events_of(a, "partition_ready")) >= taken
+
+            await wait_for(a_ready, 60)
+            exp = await check_outcome(url, cfg, [a, b])
+            restored_a = events_of(a, "state_restored_from_cluster")
+            print(f"b restored {len(restored_b)} partitions ({sum(e['actors'] for e in restored_b)} actors), "
+                  f"a restored {len(restored_a)} ({sum(e['actors'] for e in restored_a)} actors); {len(exp.states)} keys")
+        except BaseException:
+            print(tails(procs, 40))
+            raise
