@@ -55,6 +55,7 @@ BATCH_MAX_BYTES: Final = 32 * 1024 * 1024
 BATCH_MAX_LINES: Final = 20_000
 BATCH_CONCURRENCY: Final = 128
 BAD_IDEMPOTENCY_KEY: Final = "bad_idempotency_key"
+LOG_EVERY_S: Final = 10.0
 NDJSON: Final = "application/x-ndjson"
 
 
@@ -109,6 +110,17 @@ class Ingestor:
         self._stored, self._duplicate = counter.labels("stored"), counter.labels("duplicate")
         self._rejected, self._too_large = counter.labels("rejected"), counter.labels("too_large")
         self._unavailable = counter.labels("unavailable")
+        self._logged: dict[str, tuple[float, int]] = {}
+
+    def _warn(self, event: str, **fields: Any) -> None:
+        """A warning at most every LOG_EVERY_S per kind of event (an outage fails every request)."""
+        now = time.monotonic()
+        last, count = self._logged.get(event, (-LOG_EVERY_S, 0))
+        if now - last < LOG_EVERY_S:
+            self._logged[event] = (last, count + 1)
+            return
+        log.warning(event, **fields, since_last_line=count)
+        self._logged[event] = (now, 0)
 
     def reject(self) -> None:
         self._rejected.inc()
@@ -185,10 +197,11 @@ class Ingestor:
                 await self.store.remember(mid, int(ack.seq))
         except IdempotencyUnavailable as exc:
             self._unavailable.inc()
+            self._warn("ingest_idempotency_unavailable", error=str(exc)[:300])
             return unavailable(f"the idempotency record could not be read or written: {exc}")
         except Exception as exc:  # a timeout, no responders, an API error, the connection lost
             self._unavailable.inc()
-            log.warning("ingest_unacknowledged", subject=f"events.{kind}.{key}", error=f"{type(exc).__name__}: {exc}"[:300])
+            self._warn("ingest_unacknowledged", subject=f"events.{kind}.{key}", error=f"{type(exc).__name__}: {exc}"[:300])
             return unavailable(f"the publish was not acknowledged ({type(exc).__name__}); nothing is claimed stored")
         (self._duplicate if ack.duplicate else self._stored).inc()
         return Outcome(202, seq=int(ack.seq), duplicate=bool(ack.duplicate))

@@ -245,8 +245,20 @@ async def test_batch_answers_each_line_in_order(tmp_path: Path, nats_server: Nat
         assert await stream_last(nats_server.url, cfg.streams.events) == 42
 
 
+WMS = """
+[sources.wms]
+kind = "sku"
+key = "$.sku"
+type = "counted"
+fields = { location = "$.at", on_hand = "$.level" }
+idempotency_key = "{$.push}"
+"""
+
+
 async def test_503_while_nats_is_away_then_202(tmp_path: Path, nats_server: NatsServer) -> None:
-    async with http_router(tmp_path, nats_server.url) as (rp, client, cfg):
+    push = json.dumps({"push": "p-1", "sku": "SKU-9", "at": "DEL-WH-1", "level": 4}).encode()
+    unmappable = json.dumps({"push": "p-2", "at": "DEL-WH-1", "level": 4}).encode()
+    async with http_router(tmp_path, nats_server.url, WMS) as (rp, client, cfg):
         assert (await client.post("/events/sku/SKU-1", content=GOOD)).status_code == 202
         nats_server.stop()
         try:
@@ -259,6 +271,11 @@ async def test_503_while_nats_is_away_then_202(tmp_path: Path, nats_server: Nats
             assert int(b.headers["Retry-After"]) > 0
             # Bad input is still 400 while NATS is away: it is checked first.
             assert reason(await client.post("/events/sku/SKU-1", content=b"{")) == (400, "malformed")
+            # A partner's payload, mapped or not, is 503 too: the partner retries.
+            for body in (push, unmappable):
+                r = await client.post("/sources/wms", content=body)
+                assert reason(r) == (503, "unavailable"), r.text
+                assert int(r.headers["Retry-After"]) > 0
         finally:
             nats_server.start()
         with anyio.fail_after(30):
@@ -272,6 +289,12 @@ async def test_503_while_nats_is_away_then_202(tmp_path: Path, nats_server: Nats
         r2 = await client.post("/events/sku/SKU-1", content=GOOD, headers={"Idempotency-Key": "k-1"})
         assert r2.json() == {"seq": r.json()["seq"], "duplicate": True}
         assert await stream_last(nats_server.url, cfg.streams.events) == 2
+        r = await client.post("/sources/wms", content=push)
+        assert r.status_code == 202, r.text
+        assert r.json()["events"][0]["duplicate"] is False
+        assert (await client.post("/sources/wms", content=unmappable)).json()["error"] == "unmapped"
+        assert await stream_last(nats_server.url, cfg.streams.events) == 3
+        assert await stream_last(nats_server.url, cfg.streams.deadletter) == 1
         assert rp.running
 
 
