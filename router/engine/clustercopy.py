@@ -73,13 +73,14 @@ class PartitionCopy:
         local = await self.store.marks(self.index)
         if marks is None:
             if local.applied_seq or await self.store.actor_keys(self.index, limit=1):
-                await self._upload(0, local.applied_seq)
+                await _retrying(lambda: self._upload(0, local.applied_seq), "uploading to the copy")
             return
         self.delivered = marks.delivered
+        # (each asked again while the cluster cannot answer: both only write what they read)
         if marks.applied > local.applied_seq:
-            await self._restore(marks, local.applied_seq)
+            await _retrying(lambda: self._restore(marks, local.applied_seq), "restoring from the copy")
         elif marks.applied < local.applied_seq:
-            await self._upload(marks.applied, local.applied_seq)
+            await _retrying(lambda: self._upload(marks.applied, local.applied_seq), "uploading to the copy")
         # The marks the cluster keeps that a fresh or older local store lacks.
         if marks.effects > local.effects_seq:
             await self.store.write_effects_mark(self.index, marks.effects)

@@ -377,7 +377,10 @@ class Runtime:
 async def _open_state_copy(nc: NATS, cfg: Config) -> StateCopy:
     name = state_bucket_name(cfg.router.consumer)
     try:
-        return await StateCopy.open(nc, name, replicas=cfg.streams.replicas)
+        # (asked again while the cluster elects a leader or is slow to make the R3 bucket)
+        return await riding_through(  # type: ignore[no-any-return]
+            "state copy bucket", functools.partial(StateCopy.open, nc, name, replicas=cfg.streams.replicas)
+        )
     except Exception as exc:
         raise FatalError(
             f"cannot open the cluster copy of the state, KV {name} ([snapshots] cluster_copy): {exc!r}"

@@ -29,6 +29,7 @@ import anyio
 import anyio.lowlevel
 import msgspec
 from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
 from nats.js import api
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
@@ -293,7 +294,15 @@ class StateCopy:
         return out
 
     async def read_section(self, partition: int, section: str) -> AsyncIterator[list[tuple[str, str, bytes]]]:
-        """The values under `p<partition>.<section>.>`, in batches of (kind, key, raw value)."""
+        """The values under `p<partition>.<section>.>`, in batches of (kind, key, raw value);
+        CopyUnavailable when the server does not answer or refuses."""
+        try:
+            async for batch in self._read_section(partition, section):
+                yield batch
+        except (TimeoutError, NatsError) as exc:
+            raise CopyUnavailable(f"reading {self.name} p{partition}.{section}.>: {exc!r}") from exc
+
+    async def _read_section(self, partition: int, section: str) -> AsyncIterator[list[tuple[str, str, bytes]]]:
         info = await self.nc.jsm().stream_info(self.stream)
         upto = int(info.state.last_seq or 0)
         if not upto:
