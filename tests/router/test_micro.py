@@ -132,11 +132,16 @@ async def test_every_instance_receives_each_query_and_the_owner_answers(nats_ser
             for _ in range(20):
                 reply = json.loads((await nc.request("router.state.sku.A", b"", timeout=5)).data)
                 assert reply["state"]["available"] == 4, reply
+            for _ in range(3):  # CONTRACT 5.1: every instance answers for the partitions it runs
+                reply = json.loads((await nc.request("router.exceptions.open", b"{}", timeout=5)).data)
+                assert reply["partitions"] == [0], reply
             with anyio.fail_after(10):
                 after = {i: by_name(json.loads((await nc.request(f"$SRV.STATS.ops-router.{i}", b"")).data)["endpoints"])
                          for i in ids}
             for i in ids:
                 assert after[i]["state"]["num_requests"] - before[i]["state"]["num_requests"] == 20, (i, after[i])
+                opened = after[i]["exceptions-open"]["num_requests"] - before[i]["exceptions-open"]["num_requests"]
+                assert opened == 3, (i, after[i])
             owned = sorted(tuple(after[i]["state"]["data"]["partitions"]) for i in ids)
             assert owned == [(), (0,)]  # the standby runs none
         finally:
