@@ -4,9 +4,12 @@ Two ways to run it (both take `[oncall]` of the same config):
 - `router oncall --config PATH`: a process of its own (`run_sink`), next to one or more routers;
 - inside `router run` (`service`, given to `router.engine.daemon.run` as a service) when `[oncall]`
   names a target and `in_router` is true (the default).
-Either way one sink per deployment: `<data>/oncall/oncall.lock` refuses a second one that shares
-the data folder, and the durable consumers (`<consumer>_<target>`) are recreated at each start,
-so two sinks on different machines would take turns; run one.
+Either way one sink runs per deployment: `<data>/oncall/oncall.lock` refuses a second one that
+shares the data folder, and a sink that finds another one active on `router.oncall.sinks` (two
+starting at once: the lower id wins) stands by, asking again every few seconds, and takes over
+once that one is gone (several routers with `[oncall]`, or a spare `router oncall`). A sink that
+takes over on another machine starts from its own data folder: a first start there folds what
+EXCEPTIONS holds without sending and then sends what is open.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import secrets as secrets_module
+import socket
 from typing import Any
 
 import anyio
@@ -38,6 +44,11 @@ from router.secrets import resolve_all
 log = structlog.get_logger()
 
 STATUS_EVERY_S = 1.0
+# Every sink answers on this subject ({"id", "role": claiming|active|standby, "folder"}), so that
+# only one runs per deployment: the others stand by and take over once it is gone.
+SINKS_SUBJECT = "router.oncall.sinks"
+CLAIM_WAIT_S = 0.5
+STANDBY_RETRY_S = 5.0
 
 
 async def _nats_url(cfg: Config) -> str:
@@ -99,11 +110,31 @@ async def run_sink(cfg: Config, url: str | None = None, *, task_status: Any = an
         lock = PidLock(folder / "oncall.lock")
     except PidLockBusy as exc:
         raise FatalError(f"another on-call sink runs on {folder} (pid {exc.holder}): run one per deployment") from None
-    status = SinkStatus()
+    sink_id = f"{socket.gethostname()}:{os.getpid()}:{secrets_module.token_hex(3)}"
+    status = SinkStatus(sink_id=sink_id)
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(lock.release)
         nc = await _connect(cfg, url or await _nats_url(cfg))
         stack.push_async_callback(_close, nc)
+        role = {"role": "claiming"}
+
+        async def who(msg: Msg) -> None:
+            if msg.reply:
+                await msg.respond(json.dumps({"id": sink_id, "role": role["role"], "folder": str(folder)}).encode())
+
+        stack.push_async_callback(_unsubscribe, await nc.subscribe(SINKS_SUBJECT, cb=who))
+        announced = False
+        while (other := await _claim(nc, sink_id)) is not None:
+            role["role"] = "standby"
+            if not announced:
+                log.warning("oncall_standby", other_sink=other, retry_s=STANDBY_RETRY_S,
+                            advice="one on-call sink per deployment; this one takes over when that one is gone")
+                task_status.started()  # (`router run` goes on; this sink waits its turn)
+                task_status = anyio.TASK_STATUS_IGNORED
+                announced = True
+            await anyio.sleep(STANDBY_RETRY_S)
+            role["role"] = "claiming"
+        role["role"] = "active"
         client = await stack.enter_async_context(httpx.AsyncClient())
         workers: list[Worker] = []
         for target in make_targets(oncall, client, secrets):
@@ -124,6 +155,31 @@ async def run_sink(cfg: Config, url: str | None = None, *, task_status: Any = an
                 await tg.start(w.run)
             log.info("oncall_started", targets=[w.target.name for w in workers], folder=str(folder))
             task_status.started()
+
+
+async def _claim(nc: NATS, sink_id: str) -> str | None:
+    """None when this sink may run: no other sink is active, and every other one claiming now has a
+    higher id (two starting at once: the lower id runs). Else the id of the one that runs."""
+    replies: list[dict[str, Any]] = []
+
+    async def collect(msg: Msg) -> None:
+        with contextlib.suppress(ValueError):
+            body = json.loads(msg.data)
+            if isinstance(body, dict):
+                replies.append(body)
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, cb=collect)
+    try:
+        await nc.publish(SINKS_SUBJECT, b"", reply=inbox)
+        await anyio.sleep(CLAIM_WAIT_S)  # every sink connected answers within this window
+    finally:
+        await _unsubscribe(sub)
+    others = [r for r in replies if r.get("id") != sink_id and r.get("role") in ("active", "claiming")]
+    for r in others:
+        if r.get("role") == "active" or str(r.get("id")) < sink_id:
+            return str(r.get("id"))
+    return None
 
 
 async def _status_loop(status: SinkStatus, folder: Any) -> None:

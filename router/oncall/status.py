@@ -5,7 +5,7 @@ same machine, such as the console inside `router run`, reads the file: `read_sta
 answers the same JSON on the NATS subject `router.oncall.status` (`STATUS_SUBJECT`, for readers
 elsewhere). Shape::
 
-    {"updated_at": "...Z", "pid": 123, "started_at": "...Z",
+    {"updated_at": "...Z", "sink_id": "host:pid:rand", "pid": 123, "started_at": "...Z",
      "targets": {"alertmanager": {
         "sent": {"open": 12, "close": 3, "resend": 40},   # accepted by the target
         "failed": 0,                                       # refused for good (4xx): see recent
@@ -94,12 +94,14 @@ class TargetStatus:
 
 @dataclass
 class SinkStatus:
+    sink_id: str = ""
     targets: dict[str, TargetStatus] = field(default_factory=dict)
     started_at: str = field(default_factory=now_iso)
 
     def as_json(self) -> dict[str, Any]:
         return {
             "updated_at": now_iso(),
+            "sink_id": self.sink_id,
             "pid": os.getpid(),
             "started_at": self.started_at,
             "targets": {name: t.as_json() for name, t in self.targets.items()},

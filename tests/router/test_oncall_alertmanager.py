@@ -270,3 +270,36 @@ async def test_alertmanager_away_then_back_catches_up(nats_server: NatsServer, t
                 return set(await alerts(am)) == want
 
             await wait_for(caught_up, 60, "Alertmanager back with exactly the open exceptions")
+
+
+async def test_a_second_sink_stands_by_and_takes_over(nats_server: NatsServer, tmp_path: Path) -> None:
+    """Two sinks (two routers with [oncall], or a spare `router oncall`): one runs, the other
+    stands by and takes over once the first is gone, from its own data folder."""
+    with running_alertmanager(tmp_path / "am") as am:
+        cfg_a = oncall_config(nats_server.url, tmp_path / "a", am)
+        cfg_b = oncall_config(nats_server.url, tmp_path / "b", am)
+        async with running_router(cfg_a), anyio.create_task_group() as tg:
+            sink_a = anyio.CancelScope()
+
+            async def run_a(*, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+                with sink_a:
+                    await run_sink(cfg_a, task_status=task_status)
+
+            await tg.start(run_a)
+            await tg.start(run_sink, cfg_b)  # returns once it stands by
+            await publish_all(nats_server.url, [sku("SKU-1", type="received", location="BLR-DS-4", qty=1)])
+            first = ("low_stock", "sku", "SKU-1", "BLR-DS-4")
+
+            async def posted(*keys: tuple[str, ...]) -> bool:
+                return set(await alerts(am)) == set(keys)
+
+            await wait_for(lambda: posted(first), 20, "posted by the first sink")
+            a_status, b_status = read_status(cfg_a), read_status(cfg_b)
+            assert a_status is not None
+            assert b_status is None  # the second one stands by: no targets, no status
+            sink_a.cancel()
+            await publish_all(nats_server.url, [sku("SKU-2", type="received", location="DEL-WH-1", qty=1)])
+            second = ("low_stock", "sku", "SKU-2", "DEL-WH-1")
+            await wait_for(lambda: posted(first, second), 30, "the second sink took over")
+            await wait_for(lambda: read_status(cfg_b) is not None, 10, "its status")
+            tg.cancel_scope.cancel()
