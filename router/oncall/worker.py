@@ -350,10 +350,12 @@ class Worker:
         every = duration_us(self.cfg.resend_every) / 1e6
         while True:
             await anyio.sleep(every)
-            entries = [e for e in self.state.entries.values() if e.state == "sent"]
-            if not entries:
-                continue
-            outcome = await self.target.resend(entries, self.now_us())
+            # Under the lock: a firing re-post must not overtake the resolve of a clear handled meanwhile.
+            async with self.lock:
+                entries = [e for e in self.state.entries.values() if e.state == "sent"]
+                if not entries:
+                    continue
+                outcome = await self.target.resend(entries, self.now_us())
             if outcome.kind == "accepted":
                 self.status.record("resend", f"{len(entries)} alerts", "", "accepted")
             else:
