@@ -205,6 +205,7 @@ async def test_stall_clear_stall_breach_then_sigkill_across_deadlines(
         '[snapshots]\npath = "data/router.db"\n'
         '[log]\nlevel = "info"\nformat = "json"\n'
         '[rules.shipment]\nstall_after = "2s"\n'
+        '[http]\nlisten = "127.0.0.1:0"\n'  # never the default 127.0.0.1:8080 (tests run in parallel)
     )
     tail = Tail(url)
     log = tmp_path / "router.log"
