@@ -53,6 +53,10 @@ CFG = config_from_dict({"router": {"partitions": PARTITIONS}})
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+async def _quiet(*_args: Any) -> None:
+    """nats-py's connection callbacks: a node not up yet is expected while waiting for it."""
+
+
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds of process `pid` (all its threads) so far; 0 when it is gone."""
     try:
@@ -96,7 +100,7 @@ class Cluster:
         with anyio.fail_after(within):
             while True:
                 with contextlib.suppress(Exception):
-                    nc = await nats.connect(self.first, connect_timeout=1, max_reconnect_attempts=0)
+                    nc = await nats.connect(self.first, connect_timeout=1, max_reconnect_attempts=0, error_cb=_quiet)
                     try:
                         await nc.jsm().account_info()
                         return
@@ -197,6 +201,9 @@ async def wait_split(url: str, rs: list[Router], within: float = 90) -> dict[str
             while True:
                 got = {}
                 for r in rs:
+                    if r.proc is not None and r.proc.poll() is not None:
+                        tail = r.log.read_text(errors="replace").splitlines()[-5:]
+                        raise RuntimeError(f"router {r.d.name} exited with {r.proc.returncode}: {tail}")
                     o = await owned(nc, r) if (r.d / "data" / "instance.id").exists() else None
                     if o is None:
                         break
@@ -226,9 +233,11 @@ async def reset(url: str) -> None:
     nc = await nats.connect(url)
     try:
         jsm = nc.jsm()
-        for name in ("EVENTS", "EXCEPTIONS", "DEADLETTER", "KV_router_owners"):
+        # Every stream: the three, the ownership bucket and the cluster copy of the state (a copy
+        # whose marks are past a new, empty EVENTS would stop the next run's routers).
+        for info in await jsm.streams_info():
             with contextlib.suppress(Exception):
-                await jsm.delete_stream(name)
+                await jsm.delete_stream(info.config.name)
     finally:
         await nc.close()
 
