@@ -110,7 +110,9 @@ def post(client: httpx.Client, path: str, **kw: object) -> httpx.Response:
 
 
 def test_login_flow_against_a_router(tmp_path: Path, nats_server: NatsServer) -> None:
-    with served(tmp_path, nats_server.url, http={"listen": "127.0.0.1:0", "token": TOKEN}) as (rp, client):
+    http = {"listen": "127.0.0.1:0", "token": TOKEN, "ingest_token": INGEST}
+    # At debug: no line of any level may carry a token or a session.
+    with served(tmp_path, nats_server.url, http=http, log={"level": "debug"}) as (rp, client):
         assert client.get("/healthz").status_code == 200
         wait_status(client, "/readyz", 200)  # public
         assert client.get("/metrics").status_code == 401
@@ -142,6 +144,11 @@ def test_login_flow_against_a_router(tmp_path: Path, nats_server: NatsServer) ->
         # Behind a TLS-terminating proxy on loopback (trusted by default): the cookie is Secure.
         proxied = post(client, "/login", data={"token": TOKEN}, headers={"X-Forwarded-Proto": "https"})
         assert "secure" in [a.strip().lower() for a in proxied.headers["set-cookie"].split(";")]
+        event = b'{"type": "received", "location": "BLR-DS-4", "qty": 3}'
+        stored = post(client, "/events/sku/SKU-AUTH", content=event, headers={"Authorization": f"Bearer {INGEST}"})
+        assert stored.status_code == 202, stored.text
+        assert post(client, "/events/sku/SKU-AUTH", content=event, headers={"Cookie": f"{COOKIE}={value}"}).status_code == 401
+        assert client.get("/state/sku/SKU-AUTH", headers={"Authorization": f"Bearer {INGEST}"}).status_code == 401
         logout = post(client, "/logout", headers={"Cookie": f"{COOKIE}={value}"})
         assert logout.status_code == 303
         assert (
@@ -150,7 +157,9 @@ def test_login_flow_against_a_router(tmp_path: Path, nats_server: NatsServer) ->
         )
     log = rp.log_text()
     assert "http_listening" in log
+    assert '"level": "debug"' in log  # debug lines were written, and none of them holds a secret
     assert TOKEN not in log
+    assert INGEST not in log
     assert value not in log
 
 
