@@ -325,10 +325,13 @@ class _DropIncompleteNotice(logging.Filter):
         return record.getMessage() != _INCOMPLETE
 
 
+_DROP_INCOMPLETE: Final = _DropIncompleteNotice()
+
+
 def routes(ctx: HttpContext) -> list[BaseRoute]:
     feed = Feed(ctx)
     ctx.extras["feed"] = feed
-    logging.getLogger("uvicorn.error").addFilter(_DropIncompleteNotice())
+    logging.getLogger("uvicorn.error").addFilter(_DROP_INCOMPLETE)  # (once: the same filter is not added twice)
 
     # A plain ASGI app: the response streams until the client or the server leaves.
     return [route("/feed", feed)]

@@ -331,3 +331,24 @@ async def _gathered(url: str, gather: Any, filters: dict[str, Any]) -> dict[str,
         return await gather(nc, filters)  # type: ignore[no-any-return]
     finally:
         await nc.close()
+
+
+async def test_a_graceful_stop_ends_open_feeds(tmp_path: Path, nats_server: NatsServer) -> None:
+    """SIGTERM with feed clients connected: their streams end, the router stops cleanly, http.url goes."""
+    from router.http.server import read_url_file
+
+    with served(tmp_path, nats_server.url) as (rp, client):
+        wait_status(client, "/readyz", 200)
+        async with async_client(client) as ac, ac.stream("GET", "/feed") as r:
+            lines = r.aiter_lines()
+            with anyio.fail_after(10):
+                async for line in lines:
+                    if line == "event: tick":
+                        break
+            rc, took = await anyio.to_thread.run_sync(lambda: rp.terminate(timeout=30))
+            assert rc == 0, rp.tail()
+            with anyio.fail_after(10):
+                async for _ in lines:  # the stream ended (not cut off mid-event)
+                    pass
+        assert read_url_file(tmp_path / "data") is None
+        print(f"stop with an open feed took {took:.2f}s")
