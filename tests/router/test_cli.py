@@ -795,7 +795,7 @@ def test_run_on_a_busy_port_names_the_setting(tmp_path: Path) -> None:
         other.bind(("127.0.0.1", 0))
         other.listen()
         port = other.getsockname()[1]
-        (tmp_path / "config.toml").write_text(f"[nats]\nembedded_port = {port}\n")
+        (tmp_path / "config.toml").write_text(f"[nats]\nembedded_port = {port}\n[http]\nlisten = \"127.0.0.1:0\"\n")
         proc = _start_router(tmp_path)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
@@ -808,7 +808,7 @@ def test_run_embedded_then_clients_find_it_by_the_url_file(tmp_path: Path) -> No
     import signal
     import time
 
-    (tmp_path / "config.toml").write_text("[nats]\nembedded_port = 0\n")
+    (tmp_path / "config.toml").write_text('[nats]\nembedded_port = 0\n[http]\nlisten = "127.0.0.1:0"\n')
     proc = _start_router(tmp_path)
     url_file = tmp_path / "data" / "nats.url"
     try:
