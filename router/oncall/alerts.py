@@ -49,11 +49,12 @@ def labels(exc: dict[str, Any], carrier: str | None = None) -> dict[str, str]:
 
 
 def console_link(cfg: OncallConfig, kind: str, key: str) -> str:
-    """The entity on the operator page (`<console_url>/#/<kind>/<key>`), or "" without a console URL."""
+    """The entity's drill-down on the operator page (`<console_url>/#<kind>/<key>`, the URL the page
+    itself shares), or "" without a console URL."""
     base = cfg.console_url.strip().rstrip("/")
     if not base:
         return ""
-    return f"{base}/#/{quote(kind, safe='')}/{quote(key, safe='')}"
+    return f"{base}/#{quote(kind, safe='')}/{quote(key, safe='')}"
 
 
 def am_alert(

@@ -24,6 +24,8 @@ from typing import Any
 import anyio
 import pytest
 
+from contracts.oncall import OncallConfig
+from router.oncall.alerts import console_link
 from tests.support.natsserver import NatsServer
 from tests.support.procs import router_executable, router_process, wait_healthy, write_config
 
@@ -192,6 +194,15 @@ def test_console_live_board_in_chromium(nats_server: NatsServer, tmp_path: Path)
             assert "raised" in history, history
             assert "cleared" in history, history
             assert "counted" in driver.find_element(By.ID, "entity-events").text
+
+            # The link an alert carries (Alertmanager's generatorURL, PagerDuty's client_url)
+            # opens the same drill-down, in a page loaded afresh; so does the older `#/kind/key`.
+            for link in (console_link(OncallConfig(console_url=base), "sku", "SKU-BT"), base + "/#/sku/SKU-BT"):
+                driver.get("about:blank")
+                driver.get(link)
+                wait_dom(driver, f"the drill-down opened by {link}",
+                         lambda: driver.find_element(By.ID, "entity").get_attribute("data-key") == "SKU-BT")
+                assert not js(driver, "return document.getElementById('entity').hidden"), link
 
             # A board with some exceptions and a dead letter, for the README.
             for i, loc in enumerate(["BLR-DS-4", "BLR-DS-7", "DEL-WH-1", "MUM-DS-2"]):

@@ -76,7 +76,7 @@ async def test_raise_is_active_clear_resolves_and_stockout_inhibits_low_stock(
             assert alert["annotations"]["summary"] == raised[0]["message"]
             assert alert["annotations"]["id"] == raised[0]["id"]
             assert "runbook_url" not in alert["annotations"]
-            assert alert["generatorURL"] == "https://router.example.com/#/sku/SKU-1"
+            assert alert["generatorURL"] == "https://router.example.com/#sku/SKU-1"
             assert abs(parse_time_us(alert["startsAt"]) - parse_time_us(raised[0]["detected_at"])) < 1000
 
             # Sold out: stockout fires and inhibits the low_stock of the same SKU and location.

@@ -90,7 +90,7 @@ async def test_retry_then_in_order_catch_up_without_duplicates(
             assert trigger["routing_key"] == "R0UT1NGKEY"
             assert trigger["payload"]["severity"] == "critical"
             assert trigger["payload"]["summary"] == crit[0]["message"]
-            assert trigger["client_url"] == f"https://router.example.com/#/sku/{crit[0]['key']}"
+            assert trigger["client_url"] == f"https://router.example.com/#sku/{crit[0]['key']}"
 
             def status_caught_up() -> bool:
                 status = read_status(cfg)

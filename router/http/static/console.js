@@ -473,7 +473,8 @@
     // The feed says what was raised and cleared, not what left the open set because its entity
     // finished (a delivered shipment, an ended campaign): compare the count now and then.
     setInterval(() => checkOpenCount().catch(() => {}), CHECK_OPEN_S * 1000);
-    const m = /^#(sku|shipment|campaign)\/(.+)$/.exec(window.location.hash);
+    // `#sku/KEY` (what the page shares) or `#/sku/KEY` (links made before the two agreed).
+    const m = /^#\/?(sku|shipment|campaign)\/(.+)$/.exec(window.location.hash);
     if (m) openEntity(m[1], decodeURIComponent(m[2])).catch(showError);
   }
 
