@@ -128,7 +128,8 @@ def read_file(data_dir: Path) -> Health | None:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process of this id exists (on this machine)."""
+    """Whether a process of this id runs (on this machine): a zombie, dead and not yet reaped
+    by its parent (a router killed with SIGKILL under a supervisor that reaps late), is gone."""
     if pid <= 0:
         return False
     try:
@@ -136,8 +137,12 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # someone else's process: it exists
-    return True
+        pass  # someone else's process: it exists; /proc says whether it runs
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: trust kill(0)
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 class Verdict(msgspec.Struct, frozen=True):

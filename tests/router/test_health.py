@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import msgspec
@@ -77,6 +78,24 @@ def test_a_report_of_a_dead_pid_is_not_running_even_when_fresh() -> None:
     v = model.verdict(report(pid=pid), now_us=NOW_US)
     assert not v.running
     assert v.reason.startswith(f"not running: pid {pid} is gone (it last reported ok at ")
+
+
+def test_a_report_of_a_killed_pid_not_yet_reaped_is_not_running() -> None:
+    # SIGKILL leaves a zombie until the parent reaps it; kill(pid, 0) still succeeds on one.
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.01)
+        os.kill(child.pid, 0)  # the zombie is there
+        assert not model.pid_alive(child.pid)
+        v = model.verdict(report(pid=child.pid), now_us=NOW_US)
+        assert not v.running
+        assert v.reason.startswith(f"not running: pid {child.pid} is gone")
+    finally:
+        child.wait()
+    assert model.pid_alive(os.getpid())
 
 
 def test_stopped_and_unhealthy_states() -> None:
