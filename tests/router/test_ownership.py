@@ -374,3 +374,25 @@ async def test_instances_share_the_partitions_and_hand_them_over(nats_server: An
             assert all(h is not None and h.record.owner == "inst-a" for h in held)
             stop_a.set()
         assert sum(1 for e in ended if e[3] == "lost") == 1, ended
+
+
+def test_the_duplicate_window_is_checked_against_the_longest_takeover_plus_replay() -> None:
+    """Each stream's own window (not the config's) against lease + a reading + REPLAY_ALLOWANCE_S."""
+    from types import SimpleNamespace
+
+    from router.engine.startup import REPLAY_ALLOWANCE_S, check_duplicate_window
+
+    cfg = config_from_dict({})
+    takeover = Timings.from_config(cfg).lease_s + 1.0
+    need = takeover + REPLAY_ALLOWANCE_S
+
+    def infos(window: float, short: str | None = None) -> dict[str, Any]:
+        return {
+            name: SimpleNamespace(config=SimpleNamespace(duplicate_window=need - 1 if name == short else window))
+            for name in (cfg.streams.events, cfg.streams.exceptions, cfg.streams.deadletter)
+        }
+
+    assert check_duplicate_window(cfg, takeover, infos(600.0))  # the default 10 minutes
+    assert check_duplicate_window(cfg, takeover, infos(need))
+    assert not check_duplicate_window(cfg, takeover, infos(600.0, short=cfg.streams.exceptions))
+    assert not check_duplicate_window(cfg, takeover, infos(2.0))
