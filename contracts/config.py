@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Final, Literal
 
@@ -237,6 +239,11 @@ def _validation_message(exc: msgspec.ValidationError, raw: dict[str, object]) ->
     """
     text = str(exc)
     path = _key_path(text)
+    unknown = _UNKNOWN_RE.search(text)
+    if unknown:
+        known = _unknown_key_message(path, unknown.group(1))
+        if known:
+            return known
     value = _value_at(raw, path)
     default = _value_at(Config(), path)
     key = path.rsplit(".", 1)[-1]
@@ -250,6 +257,49 @@ def _validation_message(exc: msgspec.ValidationError, raw: dict[str, object]) ->
     if "matching regex" in text and isinstance(value, str):
         return f"{path}: {_toml(value)} is not a valid name: 1-64 of A-Z a-z 0-9 _ -{example}"
     return f"{path}: {text}{example}"
+
+
+def _table_type(table: str) -> object:
+    """The Struct type of the table at a key path (`oncall.webhook`, `sources.x`, `oncall.routes[0]`)."""
+    typ: object = Config
+    for part in re.findall(r"\[[^\]]*\]|[^.\[\]]+", table):
+        origin = typing.get_origin(typ)
+        if origin is dict:
+            typ = typing.get_args(typ)[1]
+        elif origin is list and part.startswith("["):
+            typ = typing.get_args(typ)[0]
+        elif isinstance(typ, type) and issubclass(typ, msgspec.Struct) and not part.startswith("["):
+            named = {f.encode_name: f.type for f in msgspec.structs.fields(typ)}
+            if part not in named:
+                return None
+            typ = named[part]
+        else:
+            return None
+    return typ
+
+
+def _unknown_key_message(path: str, name: str) -> str | None:
+    """`<path>: not a key of [<table>]; did you mean <key> (e.g. <key> = <default>)? Its keys: ...`."""
+    table = path[: -len(name)].rstrip(".") if path.endswith(name) else ""
+    typ = _table_type(table)
+    if not (isinstance(typ, type) and issubclass(typ, msgspec.Struct)):
+        return None
+    keys = [f.encode_name for f in msgspec.structs.fields(typ) if not f.encode_name.startswith("_")]
+    where = f"[{table}]" if table else "the config"
+    message = f"{path}: {_toml(name)} is not a key of {where}"
+    close = [k for k in keys if len(min(k, name, key=len)) >= 3 and (k in name or name in k)]
+    close = close or difflib.get_close_matches(name, keys, n=1, cutoff=0.75)
+    if close:
+        try:
+            default = getattr(typ(), close[0], None)
+        except (TypeError, msgspec.ValidationError):
+            default = None  # a table with required keys
+        shown = isinstance(default, (int, float)) or (isinstance(default, str) and default != "")
+        example = f" (e.g. {close[0]} = {_toml(default)})" if shown else ""
+        message += f"; did you mean {close[0]}{example}?"
+    else:
+        message += "."
+    return f"{message} Its keys: {', '.join(keys)}."
 
 
 _CARRIERS_EXAMPLE: Final = ', e.g. carriers = { SURFACE-CO = "24h", EXPRESS-CO = "90m" }'
@@ -351,6 +401,10 @@ def _check_sources_raw(raw: dict[str, object]) -> None:
             text = str(exc)
             missing = re.search(r"missing required field `([^`]*)`", text)
             path = missing.group(1) if missing else _key_path(text)
+            unknown = _UNKNOWN_RE.search(text)
+            known = _unknown_key_message(f"sources.{name}.{path}", unknown.group(1)) if unknown else None
+            if known:
+                raise ConfigError(f"{known} A whole source, {SOURCE_EXAMPLE}") from None
             raise ConfigError(f"sources.{name}.{path}: {_PATH_RE.sub('', text).strip()}, {SOURCE_EXAMPLE}") from None
 
 

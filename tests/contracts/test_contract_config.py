@@ -177,3 +177,32 @@ def test_the_log_summary_interval() -> None:
     assert duration_us(config_from_dict({"log": {"summary_every": "0s"}}).log.summary_every) == 0
     with pytest.raises(ConfigError, match=r'^log.summary_every: "10" is not a duration: .*e.g. summary_every = "10s"$'):
         config_from_dict({"log": {"summary_every": "10"}})
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"rules": {"sku": {"low_stok_threshold": 3}}},
+         '"low_stok_threshold" is not a key of [rules.sku]; did you mean low_stock_threshold '
+         "(e.g. low_stock_threshold = 5)? Its keys: low_stock_threshold, return_window_hours,"),
+        ({"htpp": {"listen": "127.0.0.1:8080"}},
+         '"htpp" is not a key of the config; did you mean http? Its keys: nats, streams, snapshots, router, log, '
+         "rules, sources, http, oncall."),
+        ({"oncall": {"webhook": {"url": "http://x", "secret": "s"}}},
+         '"secret" is not a key of [oncall.webhook]; did you mean signing_secret? Its keys: url, signing_secret,'),
+        ({"oncall": {"routes": [{"target": "webhook", "kinds": ["sku"]}]}},
+         '"kinds" is not a key of [oncall.routes[0]]; did you mean kind? Its keys: target, kind, rule, severity.'),
+        ({"streams": {"retention": "7d"}},
+         '"retention" is not a key of [streams]. Its keys: events, exceptions, deadletter, max_age,'),
+        ({"sources": {"shop": {"kind": "sku", "key": "$.k", "type": "counted", "secrett": "x"}}},
+         '"secrett" is not a key of [sources.shop]; did you mean secret? Its keys: kind, key, type,'),
+    ],
+)
+def test_an_unknown_key_names_the_table_the_likely_key_and_the_keys_there(raw: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw)
+    text = str(info.value)
+    path = message.split('"')[1]
+    assert text.split(": ", 1)[0].endswith(path), text
+    assert message in text, text
+    assert "base_dir" not in text

@@ -93,5 +93,5 @@ def test_labels_and_alert() -> None:
                    "carrier": "SURFACE-CO"}
     a = alerts.am_alert(cfg, exc, lab, ends_at_us=0)
     assert a["startsAt"] == a["endsAt"] == "2026-01-03T00:00:00Z"  # never ends before it starts
-    assert a["generatorURL"] == "https://r.example.com/#/shipment/SHP-1"
+    assert a["generatorURL"] == "https://r.example.com/#shipment/SHP-1"
     assert a["annotations"] == {"summary": "m", "id": "x", "runbook_url": "https://wiki/x"}

@@ -183,7 +183,7 @@ def test_the_worked_examples_map_to_valid_events() -> None:
         ({"kind": "sku", "key": "$.k", "type": "x", "time_format": "iso"}, "sources.s.time_format: 'iso' is not"),
         ({"kind": "sku", "key": "$.k", "type": "x", "time_zone": "IST"}, "sources.s.time_zone: 'IST' is not an offset"),
         ({"kind": "sku", "key": "$.k", "type": "x", "signature_encoding": "b32"}, "sources.s.signature_encoding: Invalid enum"),
-        ({"kind": "sku", "key": "$.k", "type": "x", "bogus": 1}, "sources.s.bogus: Object contains unknown field"),
+        ({"kind": "sku", "key": "$.k", "type": "x", "bogus": 1}, "sources.s.bogus: \"bogus\" is not a key of [sources.s]. Its keys: kind, key, type,"),
         ({"kind": "sku", "key": "$.k", "type": "x", "fields": {"type": "$.t"}}, "sources.s.fields.type: the type comes from"),
     ],
 )
