@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         "dlq",
         parents=[client],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="list or show dead letters (bad input)",
+        help="list, show or redrive dead letters (bad input)",
         description=(
             "Dead letters are events the router could not apply, kept in the DEADLETTER stream with "
             "Router-Error, Router-Detail, Router-Subject and Router-Seq headers. `list` shows the "
