@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import anyio
 
 from router.oncall.targets import Entry
 
@@ -57,7 +58,11 @@ class TargetState:
         return st
 
     async def close(self) -> None:
-        await self.db.close()
+        # Shielded: the sink stops by being cancelled, and a close cut short leaves aiosqlite's
+        # thread to finish it and call back into an event loop that is gone (a traceback at
+        # every SIGTERM of `router oncall`).
+        with anyio.CancelScope(shield=True):
+            await self.db.close()
 
     async def put(self, e: Entry) -> None:
         self.entries[e.akey] = e
