@@ -162,3 +162,25 @@ async def test_sigkills_of_the_sink_leave_one_alert_per_open_exception(
                 sink.kill()
                 text = await anyio.to_thread.run_sync(status)
                 assert text.stdout.startswith("# from the status file (no sink answered)\n"), text.stdout
+
+
+def test_router_oncall_without_a_target_or_with_a_bad_value(tmp_path: Path) -> None:
+    """Nothing to do: exit 1 saying what to set. A bad value: exit 2 with the key's path and an example."""
+    (tmp_path / "none.toml").write_text('[nats]\nurl = "nats://127.0.0.1:1"\n')
+    done = subprocess.run([router_executable(), "oncall", "--config", str(tmp_path / "none.toml")],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1
+    assert "[oncall] names no target" in done.stdout + done.stderr
+    (tmp_path / "bad.toml").write_text('[oncall]\nalertmanager = "http://127.0.0.1:9093"\nmin_open = { low_stock = "2 m" }\n')
+    done = subprocess.run([router_executable(), "oncall", "--config", str(tmp_path / "bad.toml")],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "config error: oncall.min_open.low_stock: '2 m' is not a duration, e.g. min_open = { low_stock = \"2m\" }"
+    )
+    (tmp_path / "secret.toml").write_text('[oncall.pagerduty]\nrouting_key_env = "NO_SUCH_VARIABLE_SET"\n')
+    done = subprocess.run([router_executable(), "oncall", "--config", str(tmp_path / "secret.toml")],
+                          capture_output=True, text=True, timeout=60, check=False,
+                          env={k: v for k, v in os.environ.items() if k != "NO_SUCH_VARIABLE_SET"})
+    assert done.returncode == 2
+    assert "oncall.pagerduty.routing_key_env: environment variable NO_SUCH_VARIABLE_SET is not set" in done.stderr

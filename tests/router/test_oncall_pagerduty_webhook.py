@@ -102,3 +102,38 @@ async def test_retry_then_in_order_catch_up_without_duplicates(
                         and t["pagerduty"]["retrying"] is None and t["pagerduty"]["pending"]["stream"] == 0)
 
             await wait_for(status_caught_up, 10, "status: caught up")
+
+
+async def test_pagerduty_resolves_a_delivered_shipments_incident(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No clear ends a temperature excursion once the shipment is delivered: the sink finds it gone
+    from router.exceptions.open and resolves the incident. The webhook gets what was published."""
+    pytest.importorskip("router.engine.open_gather", reason="needs the router's open-exceptions query (5.1)")
+    from contracts.times import rfc3339
+    from tests.support.harness import now_us
+
+    monkeypatch.setenv("TEST_PD_ROUTING_KEY", "R0UT1NGKEY")
+    with running_receiver() as rx:
+        cfg = make_config(nats_server.url, tmp_path / "data", oncall={
+            "reconcile_every": "1s",
+            "pagerduty": {"routing_key_env": "TEST_PD_ROUTING_KEY", "url": rx.url + "/v2/enqueue"},
+            "webhook": {"url": rx.url + "/hook", "signing_secret": SECRET},
+        })
+        async with running_router(cfg), running_sink(cfg):
+            await publish_all(nats_server.url, [
+                ("events.shipment.SHP-3", json.dumps({
+                    "type": "booked", "promised_by": rfc3339(now_us() + 86_400_000_000),
+                    "temp_min": 2.0, "temp_max": 8.0}).encode()),
+                ("events.shipment.SHP-3", b'{"type":"temperature","celsius": 11.0}'),
+            ])
+            key = "shipment.temperature_excursion.SHP-3"
+
+            def actions() -> list[tuple[str, str]]:
+                return [(r.json()["event_action"], r.json()["dedup_key"]) for r in rx.accepted("/v2/enqueue")]
+
+            await wait_for(lambda: actions() == [("trigger", key)], 20, "triggered")
+            await publish_all(nats_server.url, [("events.shipment.SHP-3", b'{"type":"delivered"}')])
+            await wait_for(lambda: actions() == [("trigger", key), ("resolve", key)], 20, "resolved")
+            await wait_for(lambda: len(rx.accepted("/hook")) >= 1, 20, "webhook")
+            assert [r.json()["status"] for r in rx.accepted("/hook")] == ["raised"]
