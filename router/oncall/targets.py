@@ -79,6 +79,10 @@ class Target:
     # Whether a raise is sent only while the router still lists it open (Alertmanager mirrors the
     # open set; PagerDuty and the webhook get every raise and clear, as a record, in order).
     checks_open: bool = False
+    # Whether a first start (a sink taking over elsewhere) closes what cleared in the last hour
+    # of the stream it folds: PagerDuty keeps incidents open until told (a resolve of an unknown
+    # dedup_key is ignored); Alertmanager's alerts end by themselves, the webhook is a record.
+    closes_recent_on_first_start: bool = False
     sent: dict[str, int] = field(default_factory=dict)
 
     def routed(self, exc: dict[str, Any]) -> bool:
@@ -172,7 +176,8 @@ def make_targets(cfg: OncallConfig, client: httpx.AsyncClient, secrets: dict[str
         if name == "alertmanager":
             out.append(Alertmanager(name, cfg, client, resends=True, checks_open=True))
         elif name == "pagerduty":
-            out.append(PagerDuty(name, cfg, client, secret=secrets["oncall.pagerduty.routing_key"]))
+            out.append(PagerDuty(name, cfg, client, secret=secrets["oncall.pagerduty.routing_key"],
+                                 closes_recent_on_first_start=True))
         else:
             out.append(Webhook(name, cfg, client, secret=secrets["oncall.webhook.signing_secret"], reconciles=False))
     return out

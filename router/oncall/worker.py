@@ -65,6 +65,7 @@ BACKOFF_FIRST_S: Final = 0.5
 BACKOFF_MAX_S: Final = 30.0
 TICK_S: Final = 0.5
 ROUTER_AWAY_S: Final = 15.0
+RECENT_CLOSE_US: Final = 3_600_000_000  # see _clear: clears this recent are sent after a first start's fold
 FINISHING_KINDS: Final = frozenset({"shipment", "campaign"})  # the kinds whose entities finish
 
 
@@ -95,6 +96,7 @@ class Worker:
         self.extra: dict[str, int] = {}
         self.carriers: dict[str, str | None] = {}
         self.router_away_until = 0.0
+        self.recent_closes: list[tuple[Entry, bytes]] = []
 
     @property
     def seeding(self) -> bool:
@@ -182,6 +184,10 @@ class Worker:
             if was_seeding and not self.seeding:
                 log.info("oncall_seeded", target=self.target.name, through=self.state.seed_through,
                          open=len(self.state.entries))
+                for entry, raw in self.recent_closes:
+                    async with self.lock:
+                        await self._close_now(entry, raw)
+                self.recent_closes.clear()
                 if self.target.reconciles:
                     await self._reconcile(rounds_needed=1)
             self._update_status()
@@ -237,7 +243,16 @@ class Worker:
             return
         if old.state in ("sent", "sending") and not silent:
             await self._deliver("close", old, lambda: self.target.close(old, raw, self.now_us()))
+        elif silent and self.target.closes_recent_on_first_start and raw is not None:
+            # A first start folds silently; a sink before it (elsewhere) may have opened what
+            # cleared lately: closed once the fold is done (a close of nothing is a no-op).
+            with contextlib.suppress(KeyError, ValueError, TypeError):
+                if alerts.parse_time_us(exc["detected_at"]) >= self.now_us() - RECENT_CLOSE_US:
+                    self.recent_closes.append((old, raw))
         await self.state.remove(akey)
+
+    async def _close_now(self, entry: Entry, raw: bytes) -> None:
+        await self._deliver("close", entry, lambda: self.target.close(entry, raw, self.now_us()))
 
     async def _still_open(self, exc: dict[str, Any]) -> bool:
         """Whether the router still lists the raise as open (Alertmanager only, which mirrors the

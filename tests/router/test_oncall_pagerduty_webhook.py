@@ -18,7 +18,7 @@ import pytest
 from router.oncall.alerts import dedup_key, verify_signature
 from router.oncall.status import read_status
 from tests.router.test_oncall_alertmanager import running_sink, sku
-from tests.support.harness import make_config, publish_all, running_router, wait_for
+from tests.support.harness import make_config, publish_all, running_router, stream_last_seq, wait_for
 from tests.support.natsserver import NatsServer
 from tests.support.oracle import read_stream
 from tests.support.receiver import running_receiver
@@ -137,3 +137,34 @@ async def test_pagerduty_resolves_a_delivered_shipments_incident(
             await wait_for(lambda: actions() == [("trigger", key), ("resolve", key)], 20, "resolved")
             await wait_for(lambda: len(rx.accepted("/hook")) >= 1, 20, "webhook")
             assert [r.json()["status"] for r in rx.accepted("/hook")] == ["raised"]
+
+
+async def test_a_sink_taking_over_elsewhere_resolves_what_cleared_meanwhile(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sink A triggers and stops; the stockout clears while no sink runs; sink B starts on another
+    data folder (a first start: it folds the stream silently) and resolves the incident."""
+    monkeypatch.setenv("TEST_PD_ROUTING_KEY", "R0UT1NGKEY")
+    with running_receiver() as rx:
+        oncall = {"pagerduty": {"routing_key_env": "TEST_PD_ROUTING_KEY", "url": rx.url + "/v2/enqueue"},
+                  "reconcile_every": "1s"}
+        cfg_a = make_config(nats_server.url, tmp_path / "a", oncall=oncall)
+        cfg_b = make_config(nats_server.url, tmp_path / "b", oncall=oncall)
+        key = "sku.stockout.SKU-9.BLR-DS-4"
+
+        def actions() -> list[tuple[str, str]]:
+            return [(r.json()["event_action"], r.json()["dedup_key"]) for r in rx.accepted("/v2/enqueue")
+                    if r.json()["dedup_key"] == key]
+
+        async with running_router(cfg_a):
+            async with running_sink(cfg_a):
+                await publish_all(nats_server.url, [sku("SKU-9", type="counted", location="BLR-DS-4", on_hand=0)])
+                await wait_for(lambda: actions() == [("trigger", key)], 20, "triggered by A")
+            await publish_all(nats_server.url, [sku("SKU-9", type="received", location="BLR-DS-4", qty=50)])
+
+            async def cleared_in_stream() -> bool:  # (stockout and low_stock raised, then both cleared)
+                return await stream_last_seq(nats_server.url, cfg_a.streams.exceptions) == 4
+
+            await wait_for(cleared_in_stream, 20, "the clears stored")
+            async with running_sink(cfg_b):
+                await wait_for(lambda: actions() == [("trigger", key), ("resolve", key)], 20, "resolved by B")
