@@ -80,8 +80,9 @@ class Target:
     # open set; PagerDuty and the webhook get every raise and clear, as a record, in order).
     checks_open: bool = False
     # Whether a first start (a sink taking over elsewhere) closes what cleared in the last hour
-    # of the stream it folds: PagerDuty keeps incidents open until told (a resolve of an unknown
-    # dedup_key is ignored); Alertmanager's alerts end by themselves, the webhook is a record.
+    # of the stream it folds: an earlier sink may have opened it (PagerDuty ignores a resolve of an
+    # unknown dedup_key; Alertmanager keeps a resolved alert it never saw firing as resolved). The
+    # webhook is a record: it gets no copies.
     closes_recent_on_first_start: bool = False
     sent: dict[str, int] = field(default_factory=dict)
 
@@ -174,7 +175,8 @@ def make_targets(cfg: OncallConfig, client: httpx.AsyncClient, secrets: dict[str
     out: list[Target] = []
     for name in cfg.targets():
         if name == "alertmanager":
-            out.append(Alertmanager(name, cfg, client, resends=True, checks_open=True))
+            out.append(Alertmanager(name, cfg, client, resends=True, checks_open=True,
+                                    closes_recent_on_first_start=True))
         elif name == "pagerduty":
             out.append(PagerDuty(name, cfg, client, secret=secrets["oncall.pagerduty.routing_key"],
                                  closes_recent_on_first_start=True))

@@ -252,6 +252,8 @@ class Worker:
         await self.state.remove(akey)
 
     async def _close_now(self, entry: Entry, raw: bytes) -> None:
+        if not entry.labels:
+            entry.labels = alerts.labels(entry.exc, await self._carrier(entry.exc))
         await self._deliver("close", entry, lambda: self.target.close(entry, raw, self.now_us()))
 
     async def _still_open(self, exc: dict[str, Any]) -> bool:

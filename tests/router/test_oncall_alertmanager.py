@@ -276,8 +276,9 @@ async def test_a_second_sink_stands_by_and_takes_over(nats_server: NatsServer, t
     """Two sinks (two routers with [oncall], or a spare `router oncall`): one runs, the other
     stands by and takes over once the first is gone, from its own data folder."""
     with running_alertmanager(tmp_path / "am") as am:
-        cfg_a = oncall_config(nats_server.url, tmp_path / "a", am)
-        cfg_b = oncall_config(nats_server.url, tmp_path / "b", am)
+        # Re-posts a minute apart: an alert A left firing would stay so for 4 minutes on its own.
+        cfg_a = oncall_config(nats_server.url, tmp_path / "a", am, resend_every="60s")
+        cfg_b = oncall_config(nats_server.url, tmp_path / "b", am, resend_every="60s")
         async with running_router(cfg_a), anyio.create_task_group() as tg:
             sink_a = anyio.CancelScope()
 
@@ -298,8 +299,13 @@ async def test_a_second_sink_stands_by_and_takes_over(nats_server: NatsServer, t
             assert a_status is not None
             assert b_status is None  # the second one stands by: no targets, no status
             sink_a.cancel()
-            await publish_all(nats_server.url, [sku("SKU-2", type="received", location="DEL-WH-1", qty=1)])
+            # While no sink runs, SKU-1 is restocked and SKU-2 runs low.
+            await publish_all(nats_server.url, [
+                sku("SKU-1", type="received", location="BLR-DS-4", qty=50),
+                sku("SKU-2", type="received", location="DEL-WH-1", qty=1),
+            ])
             second = ("low_stock", "sku", "SKU-2", "DEL-WH-1")
-            await wait_for(lambda: posted(first, second), 30, "the second sink took over")
+            # B folds the stream (a first start), resolves what cleared lately, posts what is open.
+            await wait_for(lambda: posted(second), 30, "the second sink took over")
             await wait_for(lambda: read_status(cfg_b) is not None, 10, "its status")
             tg.cancel_scope.cancel()
