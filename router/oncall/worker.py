@@ -158,6 +158,11 @@ class Worker:
                 await anyio.sleep(1.0)
                 continue
             if not msgs:
+                if self.seeding and await self._nothing_pending(sub):
+                    # Nothing left to fold: what the stream held up to seed_through has gone (retention).
+                    async with self.lock:
+                        await self.state.commit(self.state.seed_through)
+                    await self._seeded()
                 self.caught_up = not self.seeding
                 self.status.pending_stream = 0
                 self._update_status()
@@ -182,15 +187,27 @@ class Worker:
             self.status.pending_stream = pending
             self.caught_up = pending == 0 and not self.seeding
             if was_seeding and not self.seeding:
-                log.info("oncall_seeded", target=self.target.name, through=self.state.seed_through,
-                         open=len(self.state.entries))
-                for entry, raw in self.recent_closes:
-                    async with self.lock:
-                        await self._close_now(entry, raw)
-                self.recent_closes.clear()
-                if self.target.reconciles:
-                    await self._reconcile(rounds_needed=1)
+                await self._seeded()
             self._update_status()
+
+    async def _nothing_pending(self, sub: Any) -> bool:
+        try:
+            info = await sub.consumer_info()
+        except (NatsError, TimeoutError) as exc:
+            log.info("oncall_consumer_info_failed", target=self.target.name, error=repr(exc))
+            return False
+        return int(info.num_pending or 0) == 0 and int(info.num_ack_pending or 0) == 0
+
+    async def _seeded(self) -> None:
+        """A first start's fold is done: close what cleared lately, compare with the router."""
+        log.info("oncall_seeded", target=self.target.name, through=self.state.seed_through,
+                 open=len(self.state.entries))
+        for entry, raw in self.recent_closes:
+            async with self.lock:
+                await self._close_now(entry, raw)
+        self.recent_closes.clear()
+        if self.target.reconciles:
+            await self._reconcile(rounds_needed=1)
 
     def _update_status(self) -> None:
         s = self.status

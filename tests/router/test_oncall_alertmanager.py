@@ -309,3 +309,33 @@ async def test_a_second_sink_stands_by_and_takes_over(nats_server: NatsServer, t
             await wait_for(lambda: posted(second), 30, "the second sink took over")
             await wait_for(lambda: read_status(cfg_b) is not None, 10, "its status")
             tg.cancel_scope.cancel()
+
+
+async def test_first_start_after_exceptions_were_purged_posts_what_the_router_holds_open(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """EXCEPTIONS no longer holds the raise (retention, a purge): a first start finds nothing to fold
+    and adds what router.exceptions.open lists."""
+    import nats
+
+    with running_alertmanager(tmp_path / "am") as am:
+        cfg = oncall_config(nats_server.url, tmp_path / "data", am)
+        async with running_router(cfg):
+            await publish_all(nats_server.url, [sku("SKU-P", type="received", location="BLR-DS-4", qty=1)])
+            nc = await nats.connect(nats_server.url)
+            try:
+                async def raised() -> bool:
+                    info = await nc.jsm().stream_info(cfg.streams.exceptions)
+                    return int(info.state.last_seq or 0) == 1
+
+                await wait_for(raised, 20, "the raise stored")
+                await nc.jsm().purge_stream(cfg.streams.exceptions)
+            finally:
+                await nc.close()
+            async with running_sink(cfg):
+                want = {("low_stock", "sku", "SKU-P", "BLR-DS-4")}
+
+                async def posted() -> bool:
+                    return set(await alerts(am)) == want
+
+                await wait_for(posted, 30, "added from the router's open set")
