@@ -10,8 +10,9 @@ elsewhere). Shape::
         "sent": {"open": 12, "close": 3, "resend": 40},   # accepted by the target
         "failed": 0,                                       # refused for good (4xx): see recent
         "retrying": null | {"what": "...", "attempts": 4, "since": "...Z", "error": "HTTP 503 ..."},
-        "pending": {"stream": 0, "held": 1},               # EXCEPTIONS messages not yet done;
-                                                           # open exceptions waiting for min_open
+        "pending": {"stream": 0, "held": 1, "due": 0},     # EXCEPTIONS messages not yet done;
+                                                           # open exceptions waiting for min_open;
+                                                           # past it, not sent yet (behind a retry)
         "open": 9, "skipped_backfill": 0, "done_seq": 412, "caught_up": true,
         "last_success": "...Z" | null, "reconciled_at": "...Z" | null,
         "recent": [{"at": "...Z", "action": "open", "alert": "sku|SKU-1|stockout|BLR-1",
@@ -54,6 +55,7 @@ class TargetStatus:
     retrying: dict[str, Any] | None = None
     pending_stream: int = 0
     held: int = 0
+    due: int = 0
     open: int = 0
     skipped_backfill: int = 0
     done_seq: int = 0
@@ -81,7 +83,7 @@ class TargetStatus:
             "sent": dict(self.sent),
             "failed": self.failed,
             "retrying": self.retrying,
-            "pending": {"stream": self.pending_stream, "held": self.held},
+            "pending": {"stream": self.pending_stream, "held": self.held, "due": self.due},
             "open": self.open,
             "skipped_backfill": self.skipped_backfill,
             "done_seq": self.done_seq,
@@ -129,10 +131,11 @@ def format_status(data: dict[str, Any]) -> str:
     for name, t in sorted(data.get("targets", {}).items()):
         sent = t.get("sent", {})
         pend = t.get("pending", {})
+        due = f", {pend['due']} due and not sent yet" if pend.get("due") else ""
         lines.append(
             f"{name}: sent open {sent.get('open', 0)}, close {sent.get('close', 0)}, resend {sent.get('resend', 0)}; "
             f"failed {t.get('failed', 0)}; pending {pend.get('stream', 0)} in the stream, {pend.get('held', 0)} held "
-            f"for min_open; open {t.get('open', 0)}; {'caught up' if t.get('caught_up') else 'catching up'} "
+            f"for min_open{due}; open {t.get('open', 0)}; {'caught up' if t.get('caught_up') else 'catching up'} "
             f"(through seq {t.get('done_seq', 0)})"
         )
         retry = t.get("retrying")

@@ -212,7 +212,11 @@ class Worker:
     def _update_status(self) -> None:
         s = self.status
         entries = self.state.entries.values()
-        s.held = sum(1 for e in entries if e.state == "held")
+        now = self.now_us()
+        # Held: open for less than their rule's min_open. Due: past it and not sent yet (behind
+        # the delivery being retried, or until the next check): not "held for min_open".
+        s.held = sum(1 for e in entries if e.state == "held" and e.eligible_us > now)
+        s.due = sum(1 for e in entries if e.state == "held" and e.eligible_us <= now)
         s.open = sum(1 for e in entries if e.state in ("sent", "sending"))
         s.skipped_backfill = sum(1 for e in entries if e.state == "skipped")
         s.done_seq = self.state.done_seq

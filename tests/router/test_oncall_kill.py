@@ -154,7 +154,7 @@ async def test_sigkills_of_the_sink_leave_one_alert_per_open_exception(
                 am_status = json.loads(done.stdout)["targets"]["alertmanager"]
                 assert am_status["open"] == len(want)
                 assert am_status["failed"] == 0
-                assert am_status["pending"] == {"stream": 0, "held": 0}
+                assert am_status["pending"] == {"stream": 0, "held": 0, "due": 0}
                 assert am_status["done_seq"] == len(stored)
                 text = await anyio.to_thread.run_sync(status)
                 assert text.stdout.startswith("# from router.oncall.status\n")
