@@ -221,8 +221,13 @@ async def wait_split(url: str, rs: list[Router], within: float = 90) -> dict[str
 
 
 async def drained(jsm: Any, partitions: list[int]) -> bool:
+    """Every partition's consumer delivered all and had all acknowledged (a consumer being made
+    again by its router, or not made yet, is not)."""
     for p in partitions:
-        info = await jsm.consumer_info("EVENTS", consumer_name_for(p))
+        try:
+            info = await jsm.consumer_info("EVENTS", consumer_name_for(p))
+        except Exception:
+            return False
         if info.num_pending or info.num_ack_pending:
             return False
     return True
