@@ -96,6 +96,9 @@ def _renderer(fmt: LogFormat, stream: TextIO) -> tuple[Processor, bool]:
     return structlog.processors.JSONRenderer(), False
 
 
+QUIET_LIBRARIES: Final = ("aiosqlite", "httpcore", "hpack")
+
+
 def configure_logging(level: str = "info", fmt: LogFormat = "auto", *, stream: TextIO | None = None) -> None:
     """Configure structlog (and route stdlib `logging` through it) to write to stderr.
 
@@ -143,3 +146,8 @@ def configure_logging(level: str = "info", fmt: LogFormat = "auto", *, stream: T
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level_no)
+    # At debug, these libraries log every SQL statement (aiosqlite) and every step of every HTTP
+    # request (httpcore, hpack): most of the log, none of it about events. They say what matters
+    # at info and above.
+    for noisy in QUIET_LIBRARIES:
+        logging.getLogger(noisy).setLevel(max(level_no, logging.INFO))
