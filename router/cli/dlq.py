@@ -214,7 +214,7 @@ async def _dlq_list(cfg: Config, server: ServerURL, stream: str, args: argparse.
         print(f"        payload{trunc}: {_preview(bytes(msg.data))}")
     example = rows[-1]
     print(
-        f"details: router dlq show #N (e.g. router dlq show {example.metadata.sequence.stream}), "
+        f"details: router dlq show N, the #N above (e.g. router dlq show {example.metadata.sequence.stream}), "
         f"or by the event: router dlq show --events-seq {(example.headers or {}).get('Router-Seq', 'SEQ')}",
         file=sys.stderr,
     )

@@ -571,7 +571,7 @@ def test_dlq_show_takes_what_dlq_list_shows(nats_server: NatsServer, capsys: pyt
     assert code == 0
     row = next(line for line in out.splitlines() if line.startswith("#4 "))
     assert "events.pallet.B  (EVENTS seq 104)" in row
-    assert "router dlq show #N (e.g. router dlq show 5), or by the event: router dlq show --events-seq 105" in err
+    assert "router dlq show N, the #N above (e.g. router dlq show 5), or by the event: router dlq show --events-seq 105" in err
     for argv in (["4"], ["#4"], ["--events-seq", "104"]):
         code, out, err = run(["dlq", "show", *argv, "--server", url], capsys)
         assert code == 0, (argv, err)
