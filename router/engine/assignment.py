@@ -202,8 +202,15 @@ class Share:
                     unchanged_s=round(now - self._seen[p][1], 2),
                 )
             lease = await self.ownership.claim(p, held, reason)
-            if lease is not None:
+            if lease is None:
+                continue
+            if self.rounds == 1:
+                # The first reading's partitions all run before serve() says it started.
                 await parts.start(self._hold, lease, work)
+            else:
+                # Later ones (a takeover, a hand-over) start side by side: each may restore its
+                # actors from the cluster copy first, and the last should not wait for the first.
+                parts.start_soon(self._hold, lease, work)
 
     def _free(self, p: int, held: Held | None, now: float) -> str | None:
         """Why partition `p` (not held here) may be taken now, or None while another holds it."""
