@@ -9,16 +9,19 @@ each partition owned by exactly one live instance.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
+from router.jetstream.streams import partition_of
 from router.workload import workload
 from tests.router.test_cluster import ROUTER, STREAMS, check_outcome, events_of, routers, tails, wait_running
-from tests.support.clusterload import AckedPublisher, wait_one_owner_each
+from tests.support.clusterload import AckedPublisher, connect, wait_one_owner_each
 from tests.support.harness import wait_for
 from tests.support.natscluster import NatsCluster
 from tests.support.procs import write_config
@@ -26,6 +29,37 @@ from tests.support.procs import write_config
 pytestmark = [pytest.mark.anyio, pytest.mark.cluster]
 
 DAY_US = 86_400_000_000
+
+
+def this_run(rp: Any, name: str) -> list[dict[str, Any]]:
+    """The `name` events of the process's current run (its log file holds every run's)."""
+    text = rp.log_text()
+    out = []
+    for line in text[text.rfind("--- start ") :].splitlines():
+        if f'"event": "{name}"' in line:
+            out.append(json.loads(line))
+    return out
+
+
+async def every_partition_answers(url: str, messages: list[tuple[str, bytes]], within: float = 30.0) -> None:
+    """Until a state query of one key of each partition is answered (its new owner serves it)."""
+    probes: dict[int, str] = {}
+    for subject, _data in messages:
+        parts = subject.split(".")
+        if len(parts) == 3 and parts[1] in ("sku", "shipment", "campaign"):
+            probes.setdefault(partition_of(parts[2], ROUTER["partitions"]), f"router.state.{parts[1]}.{parts[2]}")
+    nc = await connect(url)
+    try:
+        with anyio.fail_after(within):
+            for subject in probes.values():
+                while True:
+                    try:
+                        await nc.request(subject, b"", timeout=1.0)
+                        break
+                    except Exception:
+                        await anyio.sleep(0.2)
+    finally:
+        await nc.close()
 
 
 async def test_a_data_folder_lost_while_down_is_restored_from_the_cluster(
@@ -64,13 +98,18 @@ async def test_a_data_folder_lost_while_down_is_restored_from_the_cluster(
             await wait_running(url, a)
             await wait_one_owner_each(url, cfg, [a, b])
 
-            def a_ready() -> bool:  # every partition it took is restored and running
-                taken = len(events_of(a, "ownership_taken"))
-                return taken > 0 and len(events_of(a, "partition_ready")) >= taken
+            def a_ready() -> bool:
+                # In this run of a (its log goes on from the first): its fair share (4 of 8)
+                # taken, restored and running, and no hand-over under way.
+                taken = len(this_run(a, "ownership_taken"))
+                handing = len(events_of(b, "partition_handing_over")) - len(events_of(b, "partition_handed_over"))
+                return taken >= 4 and len(this_run(a, "partition_ready")) >= taken and handing == 0
 
             await wait_for(a_ready, 60)
+            await every_partition_answers(url, messages)
+            restored_a = this_run(a, "state_restored_from_cluster")
+            assert len(restored_a) >= 4, a.tail(60)
             exp = await check_outcome(url, cfg, [a, b])
-            restored_a = events_of(a, "state_restored_from_cluster")
             print(f"b restored {len(restored_b)} partitions ({sum(e['actors'] for e in restored_b)} actors), "
                   f"a restored {len(restored_a)} ({sum(e['actors'] for e in restored_a)} actors); {len(exp.states)} keys")
         except BaseException:
