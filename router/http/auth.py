@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final, Literal
 
+import structlog
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Match
@@ -32,6 +33,9 @@ Access = Literal["read", "ingest", "public"]
 
 COOKIE: Final = "router_session"
 SESSION_S: Final = 12 * 3600
+
+
+log = structlog.get_logger()
 
 
 def _same(given: str, expected: str) -> bool:
@@ -151,6 +155,16 @@ class AuthMiddleware:
             response: Response = self.login_page()
         else:
             response = _unauthorized(request, access == "ingest")
+        # Why a request was refused, for an operator at debug level: what it presented, never its value.
+        log.debug(
+            "http_refused",
+            method=scope["method"],
+            path=scope["path"],
+            needs=access,
+            bearer=Auth.bearer(request.headers) is not None,
+            session=COOKIE in request.cookies,
+            status=response.status_code,
+        )
         await response(scope, receive, send)
 
 

@@ -157,7 +157,12 @@ def test_login_flow_against_a_router(tmp_path: Path, nats_server: NatsServer) ->
         )
     log = rp.log_text()
     assert "http_listening" in log
-    assert '"level": "debug"' in log  # debug lines were written, and none of them holds a secret
+    # At debug, each refusal says what was presented (never its value), and nothing else holds a secret.
+    refused = [e for e in rp.log_events() if e.get("event") == "http_refused"]
+    assert refused
+    assert all(e["level"] == "debug" for e in refused)
+    assert any(e["path"] == "/nowhere" and e["session"] and not e["bearer"] and e["status"] == 401 for e in refused)
+    assert any(e["path"] == "/events/sku/SKU-AUTH" and e["needs"] == "ingest" for e in refused)
     assert TOKEN not in log
     assert INGEST not in log
     assert value not in log
