@@ -276,6 +276,8 @@ def routes(ctx: HttpContext) -> list[BaseRoute]:
         lines = body.split(b"\n")
         if len(lines) > BATCH_MAX_LINES + 1:
             return respond(Outcome(413, error="too_large", detail=f"a batch is at most {BATCH_MAX_LINES} lines"))
+        if not any(line.strip() for line in lines):
+            return respond(Outcome(400, error="empty", detail='a batch is NDJSON: one {"kind","key","event"} object per line'))
         answers = await batch(ing, lines, receipt_us)
         retry = any(a.get("status") == 503 for a in answers)
         text = b"".join(msgspec.json.encode(a) + b"\n" for a in answers)

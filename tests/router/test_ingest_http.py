@@ -243,6 +243,12 @@ async def test_batch_answers_each_line_in_order(tmp_path: Path, nats_server: Nat
         assert (msg.subject, msg.data) == ("events.sku.A", raw_event)
         # Exactly the 202 lines that were not duplicates were stored.
         assert await stream_last(nats_server.url, cfg.streams.events) == 42
+        # A batch with no line at all is refused as a whole, and stores nothing.
+        for empty in (b"", b"\n \n"):
+            r = await client.post("/events", content=empty)
+            assert r.status_code == 400, r.text
+            assert r.json()["error"] == "empty"
+        assert await stream_last(nats_server.url, cfg.streams.events) == 42
 
 
 WMS = """
