@@ -235,6 +235,36 @@ async def test_feed_delivers_raises_clears_and_ticks(tmp_path: Path, nats_server
         print(f"feed: raise seen {raise_latency:.3f}s after the publish")
 
 
+async def test_the_first_tick_has_rates_while_events_flow(tmp_path: Path, nats_server: NatsServer) -> None:
+    """A feed that starts while events are applied says so in its first tick (it said 0.0 events/s)."""
+    with served(tmp_path, nats_server.url) as (_, client):
+        wait_status(client, "/readyz", 200)
+        stop = anyio.Event()
+
+        async def steady() -> None:  # about 200 events/s until the tick was read
+            i = 0
+            while not stop.is_set():
+                await publish(nats_server.url, [received(f"SKU-RATE-{i % 50}", 100 + i)] * 20)
+                i += 1
+                await anyio.sleep(0.1)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(steady)
+            async with async_client(client) as ac, ac.stream("GET", "/feed") as r:
+                first_tick: dict[str, Any] | None = None
+                event = ""
+                with anyio.fail_after(15):
+                    async for line in r.aiter_lines():
+                        if line.startswith("event: "):
+                            event = line[7:]
+                        elif line.startswith("data: ") and event == "tick":
+                            first_tick = json.loads(line[6:])
+                            break
+            stop.set()
+        assert first_tick is not None
+        assert first_tick["events_per_s"] > 0, first_tick
+
+
 async def test_a_feed_client_that_does_not_read_is_dropped(tmp_path: Path, nats_server: NatsServer) -> None:
     """A client that never reads fills its buffer and is dropped; the router and a reading client go on."""
     import socket
