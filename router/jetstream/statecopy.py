@@ -37,8 +37,9 @@ from nats.js.kv import KeyValue
 from router.jetstream.parser import FastParser
 
 BUCKET_SUFFIX: Final = "_state"
-# Actor writes outstanding at once (sent, PubAck not yet received).
-WINDOW: Final = 4_000
+# Actor writes outstanding at once (sent, PubAck not yet received). Small enough that a snapshot's
+# burst does not hold the drain: 4,000 doubled the exception latency p99 (15.2 ms vs 8.9 ms at 500).
+WINDOW: Final = 500
 # Actor records per direct-get batch when reading a partition back.
 READ_BATCH: Final = 100_000  # (1M actors read: 21.3 s in batches of 20,000, 8.5 s of 100,000; 100k: 3.5 s of 5,000)
 # How long one window of actor writes may wait for its PubAcks before the missing ones are sent again.
