@@ -17,6 +17,7 @@ import anyio
 import anyio.to_thread
 import nats
 import pytest
+from nats.js.errors import NoKeysError
 
 from router.jetstream.statecopy import bucket_name, decode_actor, marks_key
 from tests.router.test_faults import Publisher, future_workload, ready_this_run
@@ -39,6 +40,18 @@ def events(rp: Any, name: str) -> list[dict[str, Any]]:
     return [e for e in rp.log_events() if e.get("event") == name]
 
 
+async def bucket_keys(kv: Any) -> list[str]:
+    """The bucket's keys. nats-py's `keys()` watches the bucket with an ordered consumer and can
+    report none (NoKeysError) under load although keys are stored (seen with the marks key just
+    read): asked again until it lists them, within a deadline."""
+    with anyio.fail_after(15):
+        while True:
+            try:
+                return list(await kv.keys())
+            except NoKeysError:
+                await anyio.sleep(0.1)
+
+
 async def copy_contents(url: str, partition: int = 0) -> tuple[dict[str, Any], dict[tuple[str, str], int]]:
     """(marks, {(kind, key): last_seq}) of a partition in the cluster copy, read with the KV API."""
     nc = await nats.connect(url)
@@ -47,7 +60,7 @@ async def copy_contents(url: str, partition: int = 0) -> tuple[dict[str, Any], d
         marks = json.loads((await kv.get(marks_key(partition))).value or b"{}")
         actors: dict[tuple[str, str], int] = {}
         prefix = f"p{partition}.a."
-        for key in await kv.keys():
+        for key in await bucket_keys(kv):
             if key.startswith(prefix):
                 kind, _, name = key[len(prefix) :].partition(".")
                 entry = await kv.get(key)
