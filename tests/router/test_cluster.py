@@ -144,14 +144,10 @@ async def test_instances_share_partitions_one_dies_another_joins(nats_cluster: N
             pub = AckedPublisher(c.url, messages)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(pub.run, 200, 0.1)
-                with anyio.fail_after(60):
-                    while pub.sent < 3_000:
-                        await anyio.sleep(0.05)
+                await pub.wait_sent(3_000)
                 a.kill()
                 killed = time.time()
-                with anyio.fail_after(60):
-                    while pub.sent < 6_000:
-                        await anyio.sleep(0.05)
+                await pub.wait_sent(6_000)
                 third.start()
             await wait_one_owner_each(url, cfg, [b, third])
             exp = await check_outcome(url, cfg, [b, third])
@@ -186,20 +182,14 @@ async def test_a_node_and_the_stream_leader_killed_under_two_instances(
             pub = AckedPublisher(c.url, messages)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(pub.run, 200, 0.05)
-                with anyio.fail_after(60):
-                    while pub.sent < 3_000:
-                        await anyio.sleep(0.05)
+                await pub.wait_sent(3_000)
                 leader = await c.stream_leader("EVENTS")
                 c.kill(leader)
-                with anyio.fail_after(90):
-                    while pub.sent < 6_000:
-                        await anyio.sleep(0.05)
+                await pub.wait_sent(6_000, timeout=90)
                 await anyio.to_thread.run_sync(c.start_node, leader)
                 other = (leader + 1) % 3
                 c.kill(other)
-                with anyio.fail_after(90):
-                    while pub.sent < 8_000:
-                        await anyio.sleep(0.05)
+                await pub.wait_sent(8_000, timeout=90)
                 await anyio.to_thread.run_sync(c.start_node, other)
             alive = c.urls[(other + 1) % 3]
             await check_outcome(alive, cfg, [a, b])
@@ -300,9 +290,7 @@ async def test_graceful_stop_hands_partitions_over(nats_cluster: NatsCluster, tm
             pub = AckedPublisher(c.url, messages)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(pub.run, 200, 0.05)
-                with anyio.fail_after(60):
-                    while pub.sent < 3_000:
-                        await anyio.sleep(0.05)
+                await pub.wait_sent(3_000)
                 rc, took = await anyio.to_thread.run_sync(a.terminate, 20.0)
                 assert rc == 0, a.tail()
             released = {e["partition"] for e in events_of(a, "ownership_released")}

@@ -81,9 +81,7 @@ async def test_a_data_folder_lost_while_down_is_restored_from_the_cluster(
             pub = AckedPublisher(c.url, messages)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(pub.run, 200, 0.1)
-                with anyio.fail_after(60):
-                    while pub.sent < 4_000:
-                        await anyio.sleep(0.05)
+                await pub.wait_sent(4_000)
                 a.kill()
                 shutil.rmtree(a.config_path.parent / "data")  # its disk is gone
             # b takes a's partitions once their leases lapse; its store never held them.

@@ -46,6 +46,12 @@ class AckedPublisher:
         self.retries = 0
         self.done = anyio.Event()
 
+    async def wait_sent(self, n: int, timeout: float = 60.0) -> None:
+        """Until at least `n` messages were acknowledged (a task of the same group runs `run`)."""
+        with anyio.fail_after(timeout):
+            while self.sent < n:
+                await anyio.sleep(0.05)
+
     async def run(self, window: int = 200, gap: float = 0.05, *, until: int | None = None) -> None:
         """Publish messages `sent`..`until` (default all), `window` at a time with `gap` between."""
         end = len(self.messages) if until is None else until
